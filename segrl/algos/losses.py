@@ -1,0 +1,129 @@
+"""Policy losses and loss aggregation: pure tensor functions (verl ``core_algos`` style).
+
+Shapes: ``[B, T]`` per-token tensors for ``B`` sequences of ``T`` response positions, with a
+``mask`` marking the tokens that are trained (response tokens, minus whatever the probability
+mask or truncation masking removed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class LossNormalizer:
+    """Batch-wide counts that make the loss independent of micro-batch size.
+
+    The trainer fills these over the *whole* optimisation batch (all micro-batches, all ranks)
+    before the first backward, as TRL does for ``dapo`` (``num_items_in_batch``).
+    """
+
+    num_tokens: float  # masked tokens in the whole batch
+    num_sequences: float  # sequences in the whole batch
+    num_micro_batches: int = 1
+    max_completion_length: int = 1
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate per token (Schulman et al. 2017), with DAPO's clip-higher
+    (``epsilon_high``, arXiv 2503.14476) and dual clip for negative advantages (``dual_clip``
+    = c, Ye et al. 2020: the loss of an A<0 token is capped at ``-A * c``).
+
+    Returns ``(per_token_loss [B, T], flags)`` where flags are boolean ``[B, T]`` tensors
+    ``low_clipped`` / ``high_clipped`` (TRL's ``clip_ratio/*`` definitions) and ``ratio``.
+    """
+    eps_hi = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    un = ratio * advantages
+    cl = torch.clamp(ratio, 1 - epsilon, 1 + eps_hi) * advantages
+    loss = -torch.min(un, cl)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.min(loss, -advantages * dual_clip), loss)
+    flags = {
+        "ratio": ratio.detach(),
+        "low_clipped": ((ratio < 1 - epsilon) & (advantages < 0)).detach(),
+        "high_clipped": ((ratio > 1 + eps_hi) & (advantages > 0)).detach(),
+    }
+    return loss, flags
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, norm: LossNormalizer) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss of one micro-batch to the scalar to backprop.
+
+    Summing the returned values over all micro-batches gives the batch loss, whatever the
+    micro-batch size (TRL's definitions):
+
+    * ``grpo``: mean over sequences of each sequence's token mean (GRPO paper);
+    * ``bnpo``: token mean within each micro-batch, averaged over micro-batches;
+    * ``dr_grpo``: token sum / (sequences * ``max_completion_length``) (Dr. GRPO);
+    * ``dapo``: token sum / masked tokens of the whole batch (DAPO's token-level mean).
+    """
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
+        return seq.sum() / max(norm.num_sequences, 1)
+    if loss_type == "bnpo":
+        return (per_token * m).sum() / m.sum().clamp(min=1) / max(norm.num_micro_batches, 1)
+    if loss_type == "dr_grpo":
+        return (per_token * m).sum() / (max(norm.num_sequences, 1) * norm.max_completion_length)
+    if loss_type == "dapo":
+        return (per_token * m).sum() / max(norm.num_tokens, 1)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    norm: LossNormalizer,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy-gradient loss plus optional ``beta * k3`` KL, aggregated by ``loss_type``.
+
+    Args:
+        logp, old_logp, advantages, mask: ``[B, T]``; ``advantages`` are per token.
+        kl_mask: tokens that carry the KL term (default: ``mask``). SPO gates the KL with the
+            probability mask too, which is what passing ``mask`` does.
+    Returns:
+        ``(loss, sums)``: the scalar to backprop and *sums* (not means) of diagnostic values
+        over this micro-batch's masked tokens, for the trainer to normalise batch-wide.
+    """
+    per_tok, flags = clipped_surrogate(logp, old_logp, advantages, epsilon, epsilon_high, dual_clip)
+    m = mask.bool()
+    sums = {
+        "tokens": float(m.sum()),
+        "clip_ratio/low": float((flags["low_clipped"] & m).sum()),
+        "clip_ratio/high": float((flags["high_clipped"] & m).sum()),
+        "clip_ratio/region": float(((flags["low_clipped"] | flags["high_clipped"]) & m).sum()),
+    }
+    if beta and ref_logp is not None:
+        km = m if kl_mask is None else kl_mask.bool()
+        kl = k3_kl(logp, ref_logp)
+        per_tok = per_tok + beta * torch.where(km, kl, torch.zeros_like(kl))
+        sums["kl"] = float((kl.detach() * km).sum())
+        sums["kl_tokens"] = float(km.sum())
+    return aggregate_loss(per_tok, mask, loss_type, norm), sums

@@ -1,0 +1,46 @@
+"""The whole run configuration: one dataclass per component (see each section's fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .loader import ConfigError, describe, load, to_dict
+from .sections import DataConfig, EvalConfig, LogConfig, ModelConfig, SamplingConfig, TrainConfig
+from .spo import SPOConfig
+from .treepo import TreePOConfig
+
+
+@dataclass
+class SegrlConfig:
+    """Everything a ``segrl train`` / ``segrl eval`` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    spo: SPOConfig = field(default_factory=SPOConfig)
+    treepo: TreePOConfig = field(default_factory=TreePOConfig)
+
+
+def load_config(path=None, overrides=None) -> SegrlConfig:
+    """Load a :class:`SegrlConfig` from an optional YAML file plus dotted overrides."""
+    return load(SegrlConfig, path, overrides)
+
+
+__all__ = [
+    "ConfigError",
+    "SegrlConfig",
+    "ModelConfig",
+    "DataConfig",
+    "SamplingConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "LogConfig",
+    "SPOConfig",
+    "TreePOConfig",
+    "load_config",
+    "describe",
+    "to_dict",
+]

@@ -1,0 +1,351 @@
+"""Prefix-sharing generation engine on Hugging Face causal LMs with ``DynamicCache``.
+
+The one core call is :meth:`Engine.extend`: given tree nodes, grow ``b`` children from each
+by up to ``L`` tokens, continuing from the cached KV of the node's path. Every sampler
+(GRPO groups, SPO-chain MC continuations, SPO-tree levels, TreePO rounds) is built on it.
+
+How the KV is shared (nanochat's "prefill once, clone the cache", generalised to trees):
+
+* A node's cached state is the KV of its whole path *except the last token*; decoding starts
+  by feeding that last token. So forking a node ``b`` ways is an index-select of one cached
+  state, and a state inside a longer cached path is a crop of it (SPO-chain boundaries).
+* A node with no cached state (a fresh prompt, a TreePO fallback point) is prefilled once
+  from its token ids, however many children it gets.
+* Rows of different lengths are batched with left padding, an attention mask and explicit
+  position ids; rows that finish are dropped from the batch (``batch_select_indices``).
+
+Counters in :attr:`Engine.stats` show what was prefilled and decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..tree import FinishReason, RolloutTree
+from .sampling import sample_tokens
+
+# A cached state: per layer (keys [H, T, D], values [H, T, D]) for T = path length - 1.
+KVState = list[tuple[torch.Tensor, torch.Tensor]]
+NodeRef = tuple[RolloutTree, int]
+
+
+@dataclass
+class EngineStats:
+    """Work counters (cumulative; :meth:`Engine.reset_stats` clears them)."""
+
+    prefill_tokens: int = 0  # tokens run through the model to rebuild a context
+    decode_tokens: int = 0  # tokens sampled
+    forward_calls: int = 0
+    extend_calls: int = 0
+    kv_crops: int = 0  # states taken from a longer cached path (no recompute)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SamplingParams:
+    """How tokens are drawn (TRL's generation names)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: Sequence[str] = field(default_factory=tuple)
+
+
+class Engine:
+    """Batched sampler that grows rollout trees from cached prefixes.
+
+    Args:
+        model: a transformers causal LM (any architecture whose cache is a ``DynamicCache``).
+        tokenizer: its tokenizer (EOS and stop-string decoding).
+        params: sampling parameters.
+        max_batch_size: rows decoded together; more rows are split into chunks.
+        seed: seed of the engine's own random generator (sampling is reproducible and its
+            state is checkpointed with :meth:`state_dict`).
+        eos_token_ids: ids that end a sequence (default: the tokenizer's/model's EOS).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        params: SamplingParams | None = None,
+        max_batch_size: int = 512,
+        seed: int = 0,
+        eos_token_ids: Sequence[int] | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.params = params or SamplingParams()
+        self.max_batch_size = max_batch_size
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        if eos_token_ids is None:
+            eos = getattr(model.generation_config, "eos_token_id", None)
+            if eos is None:
+                eos = tokenizer.eos_token_id
+            eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = set(int(e) for e in eos_token_ids)
+        self.stats = EngineStats()
+        self._max_stop_chars = max((len(s) for s in self.params.stop_strings), default=0)
+
+    # ----- state ----------------------------------------------------------------------
+    def reset_stats(self) -> EngineStats:
+        old, self.stats = self.stats, EngineStats()
+        return old
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    @staticmethod
+    def release(trees: Sequence[RolloutTree]) -> None:
+        """Free every cached KV state held by these trees."""
+        for t in trees:
+            t.kv.clear()
+
+    # ----- public API -----------------------------------------------------------------
+    def new_trees(self, prompts_ids: Sequence[Sequence[int]], rows=None) -> list[RolloutTree]:
+        rows = rows if rows is not None else [None] * len(prompts_ids)
+        return [RolloutTree(list(p), group=i, row=r) for i, (p, r) in enumerate(zip(prompts_ids, rows))]
+
+    @torch.no_grad()
+    def extend(
+        self,
+        refs: Sequence[NodeRef],
+        max_new_tokens: int | Sequence[int],
+        num_children: int | Sequence[int] = 1,
+        keep_kv: bool = False,
+        release_sources: bool = True,
+        **node_info,
+    ) -> list[list[NodeRef]]:
+        """Grow ``num_children`` children from each node, each up to ``max_new_tokens`` tokens.
+
+        Args:
+            refs: ``(tree, node_index)`` pairs; a node may appear once.
+            max_new_tokens: token limit per new segment (one value, or one per ref).
+            num_children: children per ref (one value, or one per ref; 0 skips a ref).
+            keep_kv: also keep the cached state of children that finished (EOS / stop), so
+                that later calls can continue from inside them (SPO-chain crops).
+            release_sources: drop the sources' cached states afterwards (their children now
+                hold longer ones); keep them if the same nodes will be extended again.
+            node_info: extra annotations stored on every new node (e.g. ``mc=True``).
+
+        Returns:
+            for each ref, the list of its new children's refs. A child's ``finish_reason`` is
+            ``eos``, ``stop`` or ``segment`` (the token limit was reached; the sampler decides
+            whether that means truncation).
+        """
+        n = len(refs)
+        lims = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        kids = [num_children] * n if isinstance(num_children, int) else list(num_children)
+        if len(lims) != n or len(kids) != n:
+            raise ValueError("max_new_tokens / num_children must be scalars or one per ref")
+        self.stats.extend_calls += 1
+        self.model.eval()
+        states = self._states([r for r, k in zip(refs, kids) if k > 0])
+        # One row per child to grow.
+        rows: list[tuple[int, KVState, list[int]]] = []
+        for i, ((tree, node), k) in enumerate(zip(refs, kids)):
+            if k <= 0 or lims[i] <= 0:
+                continue
+            st = states[(id(tree), node)]
+            rows.extend((i, st, tree.path_token_ids(node)) for _ in range(k))
+        out: list[list[NodeRef]] = [[] for _ in range(n)]
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start : start + self.max_batch_size]
+            results = self._decode(chunk, [lims[i] for i, _, _ in chunk], keep_kv)
+            for (i, _, _), (toks, lps, reason, kv) in zip(chunk, results):
+                tree, node = refs[i]
+                c = tree.add(node, toks, lps, reason, **node_info)
+                if kv is not None:
+                    tree.kv[c] = kv
+                out[i].append((tree, c))
+        if release_sources:
+            for (tree, node), k in zip(refs, kids):
+                if k > 0:
+                    tree.kv.pop(node, None)
+        return out
+
+    # ----- internals ------------------------------------------------------------------
+    def _states(self, refs: Sequence[NodeRef]) -> dict[tuple[int, int], KVState]:
+        """Cached state (KV of the path minus its last token) of every distinct node."""
+        states: dict[tuple[int, int], KVState] = {}
+        missing: list[NodeRef] = []
+        for tree, node in refs:
+            key = (id(tree), node)
+            if key in states:
+                continue
+            st = self._lookup(tree, node)
+            if st is None:
+                missing.append((tree, node))
+                states[key] = None  # type: ignore[assignment]
+            else:
+                states[key] = st
+        if missing:
+            for (tree, node), st in zip(missing, self._prefill(missing)):
+                tree.kv[node] = st
+                states[(id(tree), node)] = st
+        return states
+
+    def _lookup(self, tree: RolloutTree, node: int) -> KVState | None:
+        """The node's own cached state, or a crop of a cached descendant's."""
+        if node in tree.kv:
+            return tree.kv[node]
+        want = tree.path_len(node) - 1
+        for d in tree.subtree(node)[1:]:
+            if d in tree.kv:
+                self.stats.kv_crops += 1
+                return [(k[:, :want], v[:, :want]) for k, v in tree.kv[d]]
+        return None
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache):
+        self.stats.forward_calls += 1
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+
+    def _prefill(self, refs: Sequence[NodeRef]) -> list[KVState]:
+        """Run each node's path (minus its last token) through the model, left-padded."""
+        seqs = [tree.path_token_ids(node)[:-1] for tree, node in refs]
+        out: list[KVState] = []
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        res: dict[int, KVState] = {}
+        for s in range(0, len(order), self.max_batch_size):
+            idx = order[s : s + self.max_batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            if width == 0:
+                for i in idx:
+                    res[i] = None  # type: ignore[assignment]
+                continue
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            mask = torch.zeros(len(idx), width, dtype=torch.long)
+            for r, i in enumerate(idx):
+                L = len(seqs[i])
+                if L:
+                    ids[r, width - L :] = torch.tensor(seqs[i])
+                    mask[r, width - L :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            self.stats.prefill_tokens += int(mask.sum())
+            cache = DynamicCache(config=self.model.config)
+            self._forward(ids.to(self.device), mask.to(self.device), pos.to(self.device), cache)
+            for r, i in enumerate(idx):
+                L = len(seqs[i])
+                res[i] = [
+                    (layer.keys[r, :, width - L :].clone(), layer.values[r, :, width - L :].clone())
+                    for layer in cache.layers
+                ]
+        for i in range(len(seqs)):
+            out.append(res[i])
+        return out
+
+    def _stack(self, states: Sequence[KVState]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, list[int]]:
+        """Left-pad distinct states to one batch; returns (layers, mask [U, T], lengths)."""
+        lens = [0 if st is None else st[0][0].shape[1] for st in states]
+        width = max(lens)
+        ref = next((st for st in states if st is not None), None)
+        mask = torch.zeros(len(states), width, dtype=torch.long)
+        for u, L in enumerate(lens):
+            mask[u, width - L :] = 1
+        if ref is None:
+            return [], mask, lens
+        layers = []
+        for li, (k0, v0) in enumerate(ref):
+            H, _, D = k0.shape
+            K = k0.new_zeros(len(states), H, width, D)
+            V = v0.new_zeros(len(states), v0.shape[0], width, v0.shape[2])
+            for u, st in enumerate(states):
+                if st is not None and lens[u]:
+                    K[u, :, width - lens[u] :] = st[li][0]
+                    V[u, :, width - lens[u] :] = st[li][1]
+            layers.append((K, V))
+        return layers, mask, lens
+
+    def _decode(self, rows, limits: list[int], keep_kv: bool):
+        """Decode one chunk of rows; returns (tokens, logprobs, finish_reason, kv|None) each."""
+        # Distinct source states, then an index-select fans them out to the rows.
+        uniq: dict[int, int] = {}
+        ustates: list[KVState] = []
+        for _, st, _ in rows:
+            if id(st) not in uniq:
+                uniq[id(st)] = len(ustates)
+                ustates.append(st)
+        sel = torch.tensor([uniq[id(st)] for _, st, _ in rows])
+        layers, umask, _ = self._stack(ustates)
+        B = len(rows)
+        mask = umask[sel]
+        if layers:
+            cache = DynamicCache(
+                ddp_cache_data=[(K.index_select(0, sel.to(K.device)), V.index_select(0, sel.to(V.device))) for K, V in layers],
+                config=self.model.config,
+            )
+        else:
+            cache = DynamicCache(config=self.model.config)
+        width0 = mask.shape[1]
+        pads = [width0 - int(m) for m in mask.sum(-1)]
+        paths = [p for _, _, p in rows]
+        inp = torch.tensor([p[-1] for p in paths])
+        pos = torch.tensor([len(p) - 1 for p in paths])
+        toks: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        reasons: list[str | None] = [None] * B
+        kvs: list[KVState | None] = [None] * B
+        alive = list(range(B))  # original row index of each live batch row
+        prm = self.params
+        for step in range(max(limits)):
+            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype)], dim=1)
+            out = self._forward(
+                inp[:, None].to(self.device), mask.to(self.device), pos[:, None].to(self.device), cache
+            )
+            cache = out.cache
+            tok, lp = sample_tokens(out.logits[:, -1].cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
+            self.stats.decode_tokens += len(alive)
+            tl, ll = tok.tolist(), lp.tolist()
+            keep: list[int] = []
+            for b, r in enumerate(alive):
+                toks[r].append(tl[b])
+                lps[r].append(ll[b])
+                reason = None
+                if tl[b] in self.eos_token_ids:
+                    reason = FinishReason.EOS
+                elif self._max_stop_chars and self._hit_stop(paths[r], toks[r]):
+                    reason = FinishReason.STOP
+                elif len(toks[r]) >= limits[r]:
+                    reason = FinishReason.SEGMENT
+                if reason is None:
+                    keep.append(b)
+                    continue
+                reasons[r] = reason
+                if keep_kv or reason == FinishReason.SEGMENT:
+                    # KV now covers the path + all sampled tokens but the last (not yet fed).
+                    kvs[r] = [(l.keys[b, :, pads[r] :].clone(), l.values[b, :, pads[r] :].clone()) for l in cache.layers]
+            if len(keep) < len(alive):
+                if not keep:
+                    break
+                kt = torch.tensor(keep)
+                cache.batch_select_indices(kt.to(self.device))
+                mask = mask[kt]
+                alive = [alive[b] for b in keep]
+                tok = tok[kt]
+                pos = pos[kt]
+            inp = tok
+            pos = pos + 1
+        return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
+
+    def _hit_stop(self, path: list[int], gen: list[int]) -> bool:
+        # Decode a short tail (a token is at least one character for these tokenizers).
+        tail = gen[-(self._max_stop_chars + 2) :]
+        text = self.tokenizer.decode(tail, skip_special_tokens=False)
+        return any(s in text for s in self.params.stop_strings)
