@@ -28,3 +28,5 @@ class Task:
     correctness: RewardFunc
     stop_strings: tuple[str, ...] = ()
     extra_reward_funcs: list[RewardFunc] = field(default_factory=list)
+    #: final-answer extractor used for majority voting (maj@k); None = the last line
+    extract_answer: Callable[[str], str | None] | None = None

@@ -1,0 +1,24 @@
+"""Independent sampling: ``n`` completions per prompt (a GRPO group is a depth-1 tree).
+
+The prompt is prefilled once and its KV cache forked ``n`` ways by the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..engine.hf_engine import Engine
+from ..tree import FinishReason, RolloutTree
+
+
+def sample_groups(engine: Engine, trees: Sequence[RolloutTree], n: int, max_new_tokens: int) -> None:
+    """Grow ``n`` leaves of up to ``max_new_tokens`` tokens under each root, in one engine call.
+
+    Leaves that hit the token limit are marked ``length`` (truncated).
+    """
+    engine.extend([(t, 0) for t in trees], max_new_tokens, n)
+    for t in trees:
+        for leaf in t.leaves():
+            if t[leaf].finish_reason == FinishReason.SEGMENT:
+                t[leaf].finish_reason = FinishReason.LENGTH
+    Engine.release(trees)

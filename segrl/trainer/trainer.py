@@ -1,0 +1,485 @@
+"""The training loop: rollout -> rewards -> advantages -> clipped policy-gradient update.
+
+One readable loop (tiny-grpo / nanochat style). Each step:
+
+1. take ``prompts_per_step`` prompts (a seeded permutation, resumable);
+2. the algorithm grows their rollout trees with the engine and scores the leaves;
+3. the algorithm turns the trees into :class:`TrainSample` s with per-token advantages;
+4. ``num_iterations`` passes of micro-batched forward/backward and one optimizer step each.
+
+Evaluation runs before and after (and every ``eval.eval_steps``); checkpoints are atomic
+and ``resume`` continues a run exactly (same data order and RNG streams).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from ..algos.logprobs import sequence_logprobs
+from ..algos.losses import LossNormalizer, policy_loss
+from ..algos.samples import TrainSample
+from ..configs import SegrlConfig, to_dict
+from ..engine.hf_engine import Engine, SamplingParams
+from ..tasks.base import Task
+from ..tree import FinishReason, RolloutTree, save_jsonl
+from . import checkpoint as ckpt
+from .algorithms import get_algorithm
+from .evaluate import EvalResult, evaluate
+from .logging import MetricsLogger
+from .scoring import Scorer
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+from transformers.utils import logging as _hf_logging
+
+_hf_logging.disable_progress_bar()  # no "Writing model shards" bars in the run log
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs one training job described by a :class:`SegrlConfig`.
+
+    ``model``/``tokenizer``/``task``/``reward_funcs`` may be passed in directly (library use,
+    like TRL's ``GRPOTrainer(model, reward_funcs, train_dataset=...)``); otherwise they are
+    built from the config.
+    """
+
+    def __init__(
+        self,
+        cfg: SegrlConfig,
+        model=None,
+        tokenizer=None,
+        task: Task | None = None,
+        reward_funcs: Sequence | None = None,
+        run_dir: str | Path | None = None,
+        console=None,
+    ):
+        self.cfg = cfg
+        _seed_everything(cfg.train.seed)
+        if model is None:
+            from ..models.loading import load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(cfg.model)
+        self.model, self.tokenizer = model, tokenizer
+        if task is None:
+            from ..tasks.registry import load_task
+
+            task = load_task(cfg.data)
+        self.task = task
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(run_dir or cfg.log.output_dir or f"runs/{cfg.train.algo}-{stamp}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.logger = MetricsLogger(self.run_dir, cfg.log.report_to, console)
+        self.console = self.logger.console
+        self.algorithm = get_algorithm(cfg.train.algo)(cfg)
+        self.algorithm.new_trees = self.new_trees  # dynamic sampling tops batches up with it
+        self._group_counter = 0
+        stops = tuple(cfg.sampling.stop_strings) + tuple(task.stop_strings)
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, stops),
+            max_batch_size=cfg.sampling.max_batch_size,
+            seed=cfg.train.seed,
+        )
+        self.scorer = Scorer(task, list(reward_funcs or []), cfg.data, self.tokenizer)
+        self.prompt_ids = self._tokenize_prompts(task.train)
+        t = cfg.train
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            t.lr_scheduler_type, self.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, t.max_steps * t.num_iterations)
+        )
+        self.ref_model = None
+        if t.beta > 0:
+            self.ref_model = self._make_reference()
+        self.step = 0
+        self.epoch = 0
+        self.cursor = 0
+        self.order = self._permutation(0)
+        self.num_tokens = 0
+        self.skipped_updates = 0
+        self._stop_signal: int | None = None
+
+    # ----- data ------------------------------------------------------------------------
+    def _tokenize_prompts(self, rows) -> list[list[int]]:
+        ids = [self.tokenizer(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
+        too_long = [i for i, x in enumerate(ids) if len(x) > self.cfg.data.max_prompt_length]
+        if too_long:
+            msg = f"{len(too_long)} prompt(s) longer than data.max_prompt_length={self.cfg.data.max_prompt_length} tokens (first: row {too_long[0] + 1})"
+            if not self.cfg.data.skip_bad_rows:
+                raise TrainingError(msg + "; raise the limit or pass --data.skip_bad_rows true")
+            self.console.print(f"[yellow]skipping {msg}[/yellow]")
+            self._skip = set(too_long)
+        else:
+            self._skip = set()
+        return ids
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + epoch)
+        return [i for i in torch.randperm(len(self.prompt_ids), generator=g).tolist() if i not in self._skip]
+
+    def _next_rows(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.cursor >= len(self.order):
+                self.epoch += 1
+                self.cursor = 0
+                self.order = self._permutation(self.epoch)
+            out.append(self.order[self.cursor])
+            self.cursor += 1
+        return out
+
+    def new_trees(self, n: int) -> list[RolloutTree]:
+        """Fresh root trees for the next ``n`` prompts (also used by dynamic sampling).
+
+        Group ids are unique within a step (a counter reset at each step's start)."""
+        idx = self._next_rows(n)
+        g0, self._group_counter = self._group_counter, self._group_counter + n
+        return [RolloutTree(self.prompt_ids[i], group=g0 + g, row=self.task.train[i]) for g, i in enumerate(idx)]
+
+    # ----- model helpers ---------------------------------------------------------------
+    def _make_reference(self):
+        if hasattr(self.model, "disable_adapter"):
+            return "adapters-disabled"  # PEFT: the base model with adapters off is the reference
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def _collate(self, batch: Sequence[TrainSample], pad_id: int):
+        C = max(len(s.context) for s in batch)
+        R = max(len(s.response) for s in batch)
+        B = len(batch)
+        ids = torch.full((B, C + R), pad_id, dtype=torch.long)
+        attn = torch.zeros(B, C + R, dtype=torch.long)
+        old = torch.zeros(B, R)
+        adv = torch.zeros(B, R)
+        mask = torch.zeros(B, R)
+        for b, s in enumerate(batch):
+            c, r = len(s.context), len(s.response)
+            ids[b, C - c : C] = torch.tensor(s.context)
+            ids[b, C : C + r] = torch.tensor(s.response)
+            attn[b, C - c : C + r] = 1
+            old[b, :r] = torch.tensor(s.old_logprobs)
+            adv[b, :r] = torch.tensor(s.advantages)
+            mask[b, :r] = torch.tensor(s.mask, dtype=torch.float)
+        dev = self.cfg.model.device
+        return ids.to(dev), attn.to(dev), C, old.to(dev), adv.to(dev), mask.to(dev)
+
+    def _ref_logprobs(self, ids, attn, C):
+        temp = self.cfg.sampling.temperature
+        chunk = self.cfg.model.logprob_chunk_size
+        with torch.no_grad():
+            if self.ref_model == "adapters-disabled":
+                with self.model.disable_adapter():
+                    return sequence_logprobs(self.model, ids, attn, C, temp, chunk)[0]
+            return sequence_logprobs(self.ref_model, ids, attn, C, temp, chunk)[0]
+
+    # ----- one optimisation step -------------------------------------------------------
+    def optimize(self, samples: list[TrainSample]) -> dict[str, float]:
+        """``num_iterations`` passes over ``samples``, one optimizer step per pass."""
+        t = self.cfg.train
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        samples = sorted(samples, key=lambda s: len(s.context) + len(s.response))
+        mbs = [samples[i : i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
+        batches = [self._collate(mb, pad) for mb in mbs]
+        refs = [self._ref_logprobs(ids, attn, C) for ids, attn, C, *_ in batches] if self.ref_model is not None else [None] * len(batches)
+        norm = LossNormalizer(
+            num_tokens=float(sum(sum(s.mask) for s in samples)),
+            num_sequences=float(len(samples)),
+            num_micro_batches=len(batches),
+            max_completion_length=self.cfg.sampling.max_completion_length,
+        )
+        agg: dict[str, float] = {}
+        self.model.train()
+        for _ in range(t.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for (ids, attn, C, old, adv, mask), ref in zip(batches, refs):
+                logp, ent = sequence_logprobs(self.model, ids, attn, C, self.cfg.sampling.temperature, self.cfg.model.logprob_chunk_size)
+                loss, sums = policy_loss(
+                    logp, old, adv, mask, norm, t.loss_type, t.epsilon, t.epsilon_high, t.dual_clip, t.beta, ref
+                )
+                loss.backward()
+                total_loss += float(loss.detach())
+                sums["entropy"] = float((ent * mask).sum())
+                for k, v in sums.items():
+                    agg[k] = agg.get(k, 0.0) + v
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+            if not (math.isfinite(total_loss) and torch.isfinite(gn)):
+                # A NaN/inf never reaches the weights: skip this update, count it, go on.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_updates += 1
+                self.console.print(f"[red]step {self.step}: non-finite loss/grad (loss={total_loss}, grad_norm={float(gn)}); update skipped[/red]")
+                if self.skipped_updates >= 5:
+                    raise TrainingError("5 updates skipped for non-finite loss or gradients; stopping (last checkpoint is intact)")
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            agg["loss"] = agg.get("loss", 0.0) + total_loss
+            agg["grad_norm"] = agg.get("grad_norm", 0.0) + float(gn)
+        n_it = t.num_iterations
+        tok = max(agg.get("tokens", 0.0), 1.0)
+        out = {
+            "loss": agg["loss"] / n_it,
+            "grad_norm": agg["grad_norm"] / n_it,
+            "entropy": agg["entropy"] / tok,
+            "clip_ratio/low_mean": agg["clip_ratio/low"] / tok,
+            "clip_ratio/high_mean": agg["clip_ratio/high"] / tok,
+            "clip_ratio/region_mean": agg["clip_ratio/region"] / tok,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "train/skipped_updates": float(self.skipped_updates),
+        }
+        if "kl" in agg:
+            out["kl"] = agg["kl"] / max(agg["kl_tokens"], 1.0)
+        return out
+
+    # ----- metrics ---------------------------------------------------------------------
+    def rollout_metrics(self, trees: list[RolloutTree], samples: list[TrainSample]) -> dict[str, float]:
+        leaves = [(t, l) for t in trees for l in t.leaves(include_mc=False)]
+        rewards = [float(t[l].reward) for t, l in leaves]
+        lens = [t.completion_len(l) for t, l in leaves]
+        groups: dict[int, list[float]] = {}
+        for (t, _), r in zip(leaves, rewards):
+            groups.setdefault(t.group, []).append(r)
+        stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in groups.values()]
+        truncated = [t[l].finish_reason in FinishReason.TRUNCATED for t, l in leaves]
+        resp_tok = sum(len(s.response) for s in samples)
+        kept = sum(sum(s.mask) for s in samples)
+        n_tok = sum(len(t.prompt_ids()) for t in trees) + sum(t.num_generated_tokens() for t in trees)
+        self.num_tokens += n_tok
+        return {
+            "reward": float(np.mean(rewards)) if rewards else 0.0,
+            "reward_std": float(np.mean(stds)) if stds else 0.0,
+            "frac_reward_zero_std": float(np.mean([s == 0 for s in stds])) if stds else 0.0,
+            "completions/mean_length": float(np.mean(lens)) if lens else 0.0,
+            "completions/min_length": float(min(lens)) if lens else 0.0,
+            "completions/max_length": float(max(lens)) if lens else 0.0,
+            "completions/clipped_ratio": float(np.mean(truncated)) if truncated else 0.0,
+            "num_tokens": float(self.num_tokens),
+            "train/samples": float(len(samples)),
+            "train/masked_token_fraction": 1.0 - kept / max(resp_tok, 1),
+        }
+
+    # ----- evaluation ------------------------------------------------------------------
+    def evaluate(self) -> EvalResult:
+        e = self.cfg.eval
+        temp = self.cfg.sampling.temperature if e.temperature is None else e.temperature
+        sampler = None
+        if e.rollout == "treepo":
+            from ..samplers.treepo import TreePOSampler
+
+            sampler = TreePOSampler(self.cfg).eval_sampler(e.num_samples)
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            self.task,
+            num_problems=e.num_problems,
+            k=e.num_samples,
+            temperature=temp,
+            max_new_tokens=self.cfg.sampling.max_completion_length,
+            top_p=self.cfg.sampling.top_p,
+            seed=self.cfg.train.seed + 7919,
+            max_batch_size=self.cfg.sampling.max_batch_size,
+            sampler=sampler,
+        )
+
+    # ----- checkpoints -----------------------------------------------------------------
+    def _state(self, extra: dict) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "num_tokens": self.num_tokens,
+            "skipped_updates": self.skipped_updates,
+            "rng": {
+                "python": _rng_to_json(random.getstate()),
+                "numpy": _rng_to_json(np.random.get_state()),
+                "torch": _rng_to_json(torch.get_rng_state()),
+                "engine": _rng_to_json(self.engine.state_dict()),
+            },
+            **extra,
+        }
+
+    def save(self, extra: dict | None = None) -> Path:
+        path = ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self._state(extra or {}),
+            keep=self.cfg.log.save_total_limit,
+        )
+        return path
+
+    def resume(self, path: str | Path | None = None) -> dict:
+        """Restore the newest intact checkpoint of this run (or ``path``)."""
+        if path is None:
+            path = ckpt.latest_valid_checkpoint(self.run_dir / "checkpoints", log=self.console.print)
+            if path is None:
+                self.console.print("[yellow]no intact checkpoint found; starting from scratch[/yellow]")
+                return {}
+        else:
+            ckpt.verify_checkpoint(Path(path))
+        st = ckpt.load_training_state(Path(path), self.model, self.optimizer, self.scheduler)
+        self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
+        self.num_tokens, self.skipped_updates = st["num_tokens"], st["skipped_updates"]
+        self.order = self._permutation(self.epoch)
+        random.setstate(_rng_from_json(st["rng"]["python"]))
+        np.random.set_state(_rng_from_json(st["rng"]["numpy"]))
+        torch.set_rng_state(_rng_from_json(st["rng"]["torch"]))
+        self.engine.load_state_dict(_rng_from_json(st["rng"]["engine"]))
+        self.console.print(f"[green]resumed from {path} (step {self.step})[/green]")
+        return st
+
+    # ----- the loop --------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+        self.console.print(f"[yellow]signal {signum}: saving a checkpoint after this step, then exiting[/yellow]")
+
+    def train(self, resume: bool | str = False) -> dict:
+        cfg = self.cfg
+        t, e = cfg.train, cfg.eval
+        state = {}
+        if resume:
+            state = self.resume(None if resume is True else resume)
+        if self.ref_model is not None and self.ref_model != "adapters-disabled" and state:
+            # The reference is the *initial* policy: reload it from the model source.
+            from ..models.loading import load_model_and_tokenizer
+
+            self.ref_model = load_model_and_tokenizer(cfg.model)[0].eval()
+        summary: dict = dict(state.get("summary", {}))
+        if e.eval_before and "before" not in summary:
+            res = self.evaluate()
+            summary["before"] = res.as_metrics("")
+            self.logger.log(self.step, res.as_metrics("eval/"))
+            self.console.print(f"[bold]held-out before training[/bold]: pass@1={res.pass_at_1:.3f} pass@{res.k}={res.pass_at_k:.3f} maj@{res.k}={res.maj_at_k:.3f} on {res.num_problems} problems")
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        progress = _progress(self.console) if cfg.log.progress else None
+        try:
+            task_id = progress.add_task(f"{t.algo}", total=t.max_steps, completed=self.step) if progress else None
+            if progress:
+                progress.start()
+            while self.step < t.max_steps:
+                metrics = self.train_step()
+                if progress:
+                    progress.update(task_id, completed=self.step, description=f"{t.algo} reward={metrics['reward']:.3f}")
+                if e.eval_steps and self.step % e.eval_steps == 0 and self.step < t.max_steps:
+                    res = self.evaluate()
+                    self.logger.log(self.step, res.as_metrics("eval/"))
+                if cfg.log.save_steps and self.step % cfg.log.save_steps == 0:
+                    self.save({"summary": summary})
+                if self._stop_signal is not None:
+                    self.save({"summary": summary})
+                    summary["interrupted_at_step"] = self.step
+                    return summary
+        finally:
+            if progress:
+                progress.stop()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        if e.eval_after:
+            res = self.evaluate()
+            summary["after"] = res.as_metrics("")
+            self.logger.log(self.step, res.as_metrics("eval/"))
+        self.save({"summary": summary})
+        self.model.save_pretrained(self.run_dir / "final_model", safe_serialization=True)
+        self.tokenizer.save_pretrained(self.run_dir / "final_model")
+        if "before" in summary and "after" in summary:
+            self.logger.table("held-out accuracy", {"before": summary["before"], "after": summary["after"]})
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.logger.close()
+        return summary
+
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self._group_counter = 0
+        trees = self.new_trees(self.cfg.train.prompts_per_step)
+        self.engine.reset_stats()
+        roll = self.algorithm.rollout(self.engine, trees, self.scorer.bind(self))
+        trees = roll.pop("_trees", trees)  # dynamic sampling may replace the batch
+        stats = self.engine.stats
+        t1 = time.perf_counter()
+        samples, adv_metrics = self.algorithm.samples(trees)
+        metrics = {**self.rollout_metrics(trees, samples), **roll, **adv_metrics}
+        metrics["tree/decoded_tokens"] = float(stats.decode_tokens)
+        metrics["tree/prefill_tokens"] = float(stats.prefill_tokens)
+        if samples:
+            metrics.update(self.optimize(samples))
+        t2 = time.perf_counter()
+        self.step += 1
+        metrics.update({"timing/rollout": t1 - t0, "timing/train": t2 - t1, "step_time": t2 - t0, "epoch": float(self.epoch)})
+        if self.cfg.log.save_rollouts:
+            for tr in trees:
+                tr.row = {**tr.row, "step": self.step}
+            save_jsonl(trees, self.run_dir / "rollouts.jsonl", append=True)
+        self.logger.log(self.step, metrics, echo=self.step % self.cfg.log.logging_steps == 0)
+        return metrics
+
+
+def _rng_to_json(obj):
+    """RNG states as plain JSON (no pickle: a checkpoint must never run code on load)."""
+    if isinstance(obj, torch.Tensor):
+        return {"tensor": obj.tolist()}
+    if isinstance(obj, np.ndarray):
+        return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, (tuple, list)):
+        return {"seq": [_rng_to_json(x) for x in obj], "tuple": isinstance(obj, tuple)}
+    if isinstance(obj, dict):
+        return {"dict": {k: _rng_to_json(v) for k, v in obj.items()}}
+    return obj
+
+
+def _rng_from_json(obj):
+    if isinstance(obj, dict):
+        if "tensor" in obj:
+            return torch.tensor(obj["tensor"], dtype=torch.uint8)
+        if "ndarray" in obj:
+            return np.array(obj["ndarray"], dtype=obj["dtype"])
+        if "seq" in obj:
+            items = [_rng_from_json(x) for x in obj["seq"]]
+            return tuple(items) if obj["tuple"] else items
+        if "dict" in obj:
+            return {k: _rng_from_json(v) for k, v in obj["dict"].items()}
+    return obj
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
