@@ -1,0 +1,203 @@
+"""Benchmarks that print figures side by side (``segrl bench [sampler|trl|all]``).
+
+* ``sampler``: our engine against ``model.generate`` on the same model, batch, prompts and
+  lengths (both forced to decode exactly ``--new-tokens`` tokens, sampling at T=1), once with
+  64 distinct prompts and once with 8 prompts x 8 samples (where we prefill each prompt once).
+* ``trl``: one GRPO iteration (generation + rewards + loss + optimizer step) of segrl against
+  TRL's ``GRPOTrainer`` on the same model, task, batch and completion length.
+
+Timings are wall-clock medians over repeats after a warm-up; the same process runs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _load(model_name: str):
+    from .configs import ModelConfig
+    from .models.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=model_name))
+    return model.eval(), tok
+
+
+def bench_sampler(model_name: str = "default", batch: int = 64, new_tokens: int = 64, repeats: int = 3) -> list[dict]:
+    from .engine.hf_engine import Engine, SamplingParams
+    from .tasks.arithmetic import make_arithmetic_task
+
+    model, tok = _load(model_name)
+    rows = make_arithmetic_task(n_train=batch, n_test=8, seed=0).train
+    prompts = [tok(r["prompt"])["input_ids"] for r in rows]
+    # No EOS on either side, so both decode exactly new_tokens tokens per row.
+    engine = Engine(model, tok, SamplingParams(temperature=1.0), max_batch_size=4096, eos_token_ids=[])
+    results = []
+    for label, n_prompts, n_samples in [(f"{batch} prompts x 1", batch, 1), (f"{batch // 8} prompts x 8", batch // 8, 8)]:
+        ps = prompts[:n_prompts]
+
+        def ours():
+            trees = engine.new_trees(ps)
+            engine.extend([(t, 0) for t in trees], new_tokens, n_samples)
+            Engine.release(trees)
+
+        tok.padding_side = "left"
+        enc = tok.pad({"input_ids": ps}, return_tensors="pt")
+
+        def theirs():
+            with torch.no_grad():
+                model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    num_return_sequences=n_samples,
+                    pad_token_id=tok.pad_token_id,
+                )
+
+        t_ours = _median_time(ours, repeats)
+        t_gen = _median_time(theirs, repeats)
+        ntok = n_prompts * n_samples * new_tokens
+        results.append(
+            {
+                "case": label,
+                "segrl tok/s": ntok / t_ours,
+                "generate tok/s": ntok / t_gen,
+                "speed-up": t_gen / t_ours,
+            }
+        )
+    return results
+
+
+def bench_trl(model_name: str = "default", prompts: int = 16, generations: int = 8, max_len: int = 64, steps: int = 3) -> dict:
+    """Seconds per GRPO iteration, segrl vs TRL GRPOTrainer (same model/task/batch/length)."""
+    import os
+    import tempfile
+
+    from .configs import load_config
+    from .tasks.arithmetic import arithmetic_correctness, make_arithmetic_task
+    from .trainer.trainer import Trainer
+
+    task = make_arithmetic_task(n_train=2000, n_test=16, seed=0)
+    # ---- segrl
+    cfg = load_config(
+        overrides={
+            "model.name_or_path": model_name,
+            "train.prompts_per_step": prompts,
+            "train.num_generations": generations,
+            "train.micro_batch_size": prompts * generations,
+            "sampling.max_completion_length": max_len,
+            "train.max_steps": steps + 1,
+            "log.report_to": "none",
+            "log.save_rollouts": "false",
+            "log.progress": "false",
+            "data.num_train": 2000,
+        }
+    )
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(cfg, task=task, run_dir=d)
+        tr.train_step()  # warm-up
+        ts = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            tr.train_step()
+            ts.append(time.perf_counter() - t)
+    ours = statistics.median(ts)
+    # ---- TRL
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tok = _load(model_name)
+    ds = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in task.train])
+
+    def correctness(prompts, completions, answer, **kw):
+        return arithmetic_correctness(prompts, completions, answer)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t0, self.times = None, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as d:
+        args = GRPOConfig(
+            output_dir=d,
+            use_cpu=True,
+            bf16=False,
+            per_device_train_batch_size=prompts * generations,
+            gradient_accumulation_steps=1,
+            num_generations=generations,
+            max_completion_length=max_len,
+            temperature=1.0,
+            learning_rate=2e-4,
+            beta=0.0,
+            loss_type="dapo",
+            max_steps=steps + 1,
+            logging_steps=1000,
+            report_to="none",
+            save_strategy="no",
+            gradient_checkpointing=False,
+            dataloader_num_workers=0,
+            seed=0,
+        )
+        trainer = GRPOTrainer(model=model, reward_funcs=correctness, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
+        trainer.train()
+    theirs = statistics.median(timer.times[1:])
+    return {"segrl s/iter": ours, "TRL s/iter": theirs, "speed-up": theirs / ours, "batch": f"{prompts}x{generations}", "max_completion_length": max_len}
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for k in rows[0]:
+        t.add_column(k)
+    for r in rows:
+        t.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()])
+    Console().print(t)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="segrl bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", nargs="?", default="all", choices=("sampler", "trl", "all"))
+    p.add_argument("--model", default="default")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.which in ("sampler", "all"):
+        _print_table(f"sampler vs model.generate ({a.model}, {a.new_tokens} new tokens)", bench_sampler(a.model, a.batch, a.new_tokens, a.repeats))
+    if a.which in ("trl", "all"):
+        _print_table(f"one GRPO iteration: segrl vs TRL GRPOTrainer ({a.model})", [bench_trl(a.model)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
