@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .loader import ConfigError, describe, load, to_dict
 from .sections import DataConfig, EvalConfig, LogConfig, ModelConfig, SamplingConfig, TrainConfig
+from .scale import DistributedConfig, LoRAConfig
 from .spo import SPOConfig
 from .treepo import TreePOConfig
 
@@ -22,6 +23,8 @@ class SegrlConfig:
     log: LogConfig = field(default_factory=LogConfig)
     spo: SPOConfig = field(default_factory=SPOConfig)
     treepo: TreePOConfig = field(default_factory=TreePOConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def load_config(path=None, overrides=None) -> SegrlConfig:
@@ -40,6 +43,8 @@ __all__ = [
     "LogConfig",
     "SPOConfig",
     "TreePOConfig",
+    "LoRAConfig",
+    "DistributedConfig",
     "load_config",
     "describe",
     "to_dict",

@@ -14,8 +14,9 @@ class ModelConfig:
     """The policy model."""
 
     name_or_path: str = option("default", help="'default' (the embedded tiny LLaMA), a preset name, a local directory, or a model id already in the local HF cache.")
-    dtype: str = option("float32", help="Parameter dtype: float32 on CPU (bf16 is ~30x slower there), bfloat16 on GPU.", choices=("float32", "bfloat16", "float16"))
-    device: str = option("cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    dtype: str = option("float32", help="Parameter dtype: float32 on CPU (bf16 is ~30x slower there), bfloat16 on GPU; auto = bfloat16 on a bf16-capable GPU, else float32.", choices=("float32", "bfloat16", "float16", "auto"))
+    device: str = option("cpu", help="torch device: cpu, cuda, cuda:1 ..., or auto (cuda when available). Under torchrun each rank uses cuda:LOCAL_RANK.")
+    chat_template: str = option("auto", help="Wrap plain-text prompts as a user message in the tokenizer's chat template: auto (when the tokenizer has one), on, off. Conversational prompts always use it.", choices=("auto", "on", "off"))
     trust_remote_code: bool = option(False, help="Allow model repositories to run their own Python code. Off unless you trust the source.")
     gradient_checkpointing: bool = option(False, help="Recompute activations in backward to save memory.")
     logprob_chunk_size: int = option(64, help="Sequence positions per LM-head chunk when computing log-probs (0 = whole sequence; chunks keep [batch x length x vocab] logits from being materialised).")
@@ -79,6 +80,7 @@ class TrainConfig:
     prompts_per_step: int = option(16, help="Prompts sampled per step; each gets num_generations completions (GRPO).")
     num_generations: int = option(8, help="Completions per prompt (GRPO/RLOO group size; N trajectories for SPO-chain).")
     micro_batch_size: int = option(64, help="Sequences per forward/backward; gradients accumulate over the step's batch.")
+    max_tokens_per_micro_batch: int = option(0, help="Also cap a micro-batch at this many padded tokens (rows x longest row; 0 = no cap): bounds activation memory when lengths vary.")
     num_iterations: int = option(1, help="PPO epochs over each rollout batch (mu in the GRPO paper).")
     learning_rate: float = option(2e-4, help="AdamW learning rate (TRL's default 1e-6 is for billion-parameter models).")
     lr_scheduler_type: str = option("constant_with_warmup", help="constant_with_warmup | linear | cosine.", choices=("constant", "constant_with_warmup", "linear", "cosine"))
@@ -103,6 +105,7 @@ class TrainConfig:
         check(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
         check(self.num_generations >= 1, "train.num_generations", "must be >= 1")
         check(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
+        check(self.max_tokens_per_micro_batch >= 0, "train.max_tokens_per_micro_batch", "must be >= 0")
         check(self.num_iterations >= 1, "train.num_iterations", "must be >= 1")
         check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
         check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
