@@ -22,7 +22,11 @@ from pathlib import Path
 
 import torch
 
+from .faults import maybe_kill
+
 MANIFEST = "manifest.json"
+#: files every checkpoint must list in its manifest (besides the model's safetensors)
+REQUIRED = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
 
 
 class CheckpointError(RuntimeError):
@@ -68,6 +72,7 @@ def save_checkpoint(
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
+    maybe_kill("ckpt_model_written", step)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -80,13 +85,20 @@ def save_checkpoint(
     for p in files:
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+    maybe_kill("ckpt_before_manifest", step)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     with open(tmp / MANIFEST, "rb") as f:
         os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    maybe_kill("ckpt_before_rename", step)
+    old_same = None
+    if final.exists():  # re-saving a step: move the old copy aside, never delete it first
+        old_same = ckpt_root / f".old-step-{step:06d}-{os.getpid()}"
+        os.replace(final, old_same)
     os.replace(tmp, final)  # atomic: readers see the old state or the complete new one
     _fsync_dir(ckpt_root)
+    maybe_kill("ckpt_after_rename", step)
+    if old_same is not None:
+        shutil.rmtree(old_same, ignore_errors=True)
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -100,6 +112,18 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
+def remove_partial(ckpt_root: Path, log=print) -> list[Path]:
+    """Delete temporary directories left by an interrupted :func:`save_checkpoint`."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    gone = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-step-", ".old-step-")))
+    for p in gone:
+        log(f"[segrl] removing partial checkpoint {p} (an interrupted write)")
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def verify_checkpoint(path: Path) -> None:
     """Raise :class:`CheckpointError` naming the problem if ``path`` is not intact."""
     path = Path(path)
@@ -108,9 +132,17 @@ def verify_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{path}: no {MANIFEST} (partial write?)")
     try:
         manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: {MANIFEST} is not valid JSON: {e}") from None
-    for rel, meta in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(m, dict) and "size" in m and "sha256" in m for m in files.values()):
+        raise CheckpointError(f"{path}: {MANIFEST} has no valid 'files' table")
+    for rel in REQUIRED:
+        if rel not in files:
+            raise CheckpointError(f"{path}: {MANIFEST} does not list {rel}")
+    if not any(rel.startswith("model/") and rel.endswith(".safetensors") for rel in files):
+        raise CheckpointError(f"{path}: {MANIFEST} lists no model/*.safetensors weights")
+    for rel, meta in files.items():
         p = path / rel
         if not p.is_file():
             raise CheckpointError(f"{path}: file {rel} is missing")
