@@ -17,7 +17,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ from ..tree import FinishReason, RolloutTree, save_jsonl
 from . import checkpoint as ckpt
 from .algorithms import get_algorithm
 from .evaluate import EvalResult, evaluate
+from .faults import maybe_kill
 from .logging import MetricsLogger
 from .scoring import Scorer
 
@@ -123,15 +126,23 @@ class Trainer:
         self.num_tokens = 0
         self.skipped_updates = 0
         self._stop_signal: int | None = None
+        self._saved_step: int | None = None  # step of the newest checkpoint written or loaded
 
     # ----- data ------------------------------------------------------------------------
     def _tokenize_prompts(self, rows) -> list[list[int]]:
         ids = [self.tokenizer(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
         too_long = [i for i, x in enumerate(ids) if len(x) > self.cfg.data.max_prompt_length]
         if too_long:
-            msg = f"{len(too_long)} prompt(s) longer than data.max_prompt_length={self.cfg.data.max_prompt_length} tokens (first: row {too_long[0] + 1})"
+            # Tasks read from files say where each row came from (``row_sources``).
+            sources = getattr(self.task, "row_sources", None)
+            i0 = too_long[0]
+            where = f"{sources[i0][0]}: row {sources[i0][1]}" if sources else f"train row {i0 + 1}"
+            msg = (
+                f"{len(too_long)} prompt(s) longer than data.max_prompt_length={self.cfg.data.max_prompt_length} tokens "
+                f"(first: {where}, {len(ids[i0])} tokens)"
+            )
             if not self.cfg.data.skip_bad_rows:
-                raise TrainingError(msg + "; raise the limit or pass --data.skip_bad_rows true")
+                raise TrainingError(msg + "; raise the limit or pass --skip-bad-rows")
             self.console.print(f"[yellow]skipping {msg}[/yellow]")
             self._skip = set(too_long)
         else:
@@ -317,6 +328,10 @@ class Trainer:
             "cursor": self.cursor,
             "num_tokens": self.num_tokens,
             "skipped_updates": self.skipped_updates,
+            # where metrics.jsonl / rollouts.jsonl ended when this checkpoint was taken: a
+            # resumed run cuts them back here so they equal an uninterrupted run's files
+            "log_bytes": {name: _size(self.run_dir / name) for name in ("metrics.jsonl", "rollouts.jsonl")},
+            "reward_error_windows": [list(w) for w in getattr(self.scorer.computer, "_windows", [])],
             "rng": {
                 "python": _rng_to_json(random.getstate()),
                 "numpy": _rng_to_json(np.random.get_state()),
@@ -327,6 +342,9 @@ class Trainer:
         }
 
     def save(self, extra: dict | None = None) -> Path:
+        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # never let a NaN/inf reach saved weights
+            raise TrainingError(f"step {self.step}: non-finite values in {bad[:3]}; not saving (the last checkpoint is intact)")
         path = ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
@@ -337,18 +355,39 @@ class Trainer:
             self._state(extra or {}),
             keep=self.cfg.log.save_total_limit,
         )
+        self._saved_step = self.step
         return path
 
     def resume(self, path: str | Path | None = None) -> dict:
         """Restore the newest intact checkpoint of this run (or ``path``)."""
+        root = self.run_dir / "checkpoints"
         if path is None:
-            path = ckpt.latest_valid_checkpoint(self.run_dir / "checkpoints", log=self.console.print)
+            ckpt.remove_partial(root, log=self.console.print)
+            path = ckpt.latest_valid_checkpoint(root, log=self.console.print)
+            # Checkpoints newer than the one we resume from are corrupt: move them out of the
+            # way (kept for inspection) so that they are neither loaded nor pruned instead of
+            # good ones.
+            for p in ckpt.list_checkpoints(root):
+                if path is None or p.name > Path(path).name:
+                    aside = root / f"corrupt-{p.name}"
+                    if aside.exists():
+                        shutil.rmtree(aside)
+                    os.replace(p, aside)
+                    self.console.print(f"[yellow]moved corrupt checkpoint {p.name} to {aside}[/yellow]")
             if path is None:
                 self.console.print("[yellow]no intact checkpoint found; starting from scratch[/yellow]")
+                for name in ("metrics.jsonl", "rollouts.jsonl"):
+                    _truncate(self.run_dir / name, 0)
                 return {}
         else:
             ckpt.verify_checkpoint(Path(path))
         st = ckpt.load_training_state(Path(path), self.model, self.optimizer, self.scheduler)
+        for name, size in st.get("log_bytes", {}).items():
+            _truncate(self.run_dir / name, size)
+        for w, saved in zip(getattr(self.scorer.computer, "_windows", []), st.get("reward_error_windows", [])):
+            w.clear()
+            w.extend(saved)
+        self._saved_step = st["step"]
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         self.num_tokens, self.skipped_updates = st["num_tokens"], st["skipped_updates"]
         self.order = self._permutation(self.epoch)
@@ -361,10 +400,36 @@ class Trainer:
 
     # ----- the loop --------------------------------------------------------------------
     def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:  # a second Ctrl-C: stop now (the last checkpoint is intact)
+            raise KeyboardInterrupt
         self._stop_signal = signum
         self.console.print(f"[yellow]signal {signum}: saving a checkpoint after this step, then exiting[/yellow]")
 
     def train(self, resume: bool | str = False) -> dict:
+        """Run (or, with ``resume``, continue) training; return the before/after summary.
+
+        SIGINT/SIGTERM make the loop save a checkpoint after the current step and return
+        (``summary["interrupted_at_step"]``); a second signal stops at once."""
+        import threading
+
+        old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._train(resume)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    def _interrupted(self, summary: dict) -> dict:
+        if self._saved_step != self.step:
+            self.save({"summary": summary})
+        summary["interrupted_at_step"] = self.step
+        self.console.print(f"[yellow]stopped at step {self.step}; checkpoint saved; continue with --resume {self.run_dir}[/yellow]")
+        self.logger.close()
+        return summary
+
+    def _train(self, resume: bool | str) -> dict:
         cfg = self.cfg
         t, e = cfg.train, cfg.eval
         state = {}
@@ -381,7 +446,8 @@ class Trainer:
             summary["before"] = res.as_metrics("")
             self.logger.log(self.step, res.as_metrics("eval/"))
             self.console.print(f"[bold]held-out before training[/bold]: pass@1={res.pass_at_1:.3f} pass@{res.k}={res.pass_at_k:.3f} maj@{res.k}={res.maj_at_k:.3f} on {res.num_problems} problems")
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self._stop_signal is not None:
+            return self._interrupted(summary)
         progress = _progress(self.console) if cfg.log.progress else None
         try:
             task_id = progress.add_task(f"{t.algo}", total=t.max_steps, completed=self.step) if progress else None
@@ -397,21 +463,25 @@ class Trainer:
                 if cfg.log.save_steps and self.step % cfg.log.save_steps == 0:
                     self.save({"summary": summary})
                 if self._stop_signal is not None:
-                    self.save({"summary": summary})
-                    summary["interrupted_at_step"] = self.step
-                    return summary
+                    return self._interrupted(summary)
         finally:
             if progress:
                 progress.stop()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-        if e.eval_after:
+        if e.eval_after and "after" not in summary:
             res = self.evaluate()
             summary["after"] = res.as_metrics("")
             self.logger.log(self.step, res.as_metrics("eval/"))
-        self.save({"summary": summary})
-        self.model.save_pretrained(self.run_dir / "final_model", safe_serialization=True)
-        self.tokenizer.save_pretrained(self.run_dir / "final_model")
+        if self._saved_step != self.step:
+            # (If this step is already checkpointed, a resume re-runs the deterministic
+            # final evaluation instead of rewriting the checkpoint.)
+            self.save({"summary": summary})
+        maybe_kill("before_final_model", self.step)
+        final, tmp = self.run_dir / "final_model", self.run_dir / ".tmp-final_model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
         if "before" in summary and "after" in summary:
             self.logger.table("held-out accuracy", {"before": summary["before"], "after": summary["after"]})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -420,6 +490,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
+        maybe_kill("step_start", self.step + 1)
         self._group_counter = 0
         trees = self.new_trees(self.cfg.train.prompts_per_step)
         self.engine.reset_stats()
@@ -431,6 +502,7 @@ class Trainer:
         metrics = {**self.rollout_metrics(trees, samples), **roll, **adv_metrics}
         metrics["tree/decoded_tokens"] = float(stats.decode_tokens)
         metrics["tree/prefill_tokens"] = float(stats.prefill_tokens)
+        maybe_kill("after_rollout", self.step + 1)
         if samples:
             metrics.update(self.optimize(samples))
         t2 = time.perf_counter()
@@ -441,7 +513,19 @@ class Trainer:
                 tr.row = {**tr.row, "step": self.step}
             save_jsonl(trees, self.run_dir / "rollouts.jsonl", append=True)
         self.logger.log(self.step, metrics, echo=self.step % self.cfg.log.logging_steps == 0)
+        maybe_kill("after_step", self.step)
         return metrics
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _truncate(path: Path, size: int) -> None:
+    """Cut ``path`` back to ``size`` bytes (lines written after a checkpoint are dropped)."""
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
 
 
 def _rng_to_json(obj):
