@@ -13,6 +13,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a hub lookup (~47 s timeout)
 
 SHORTCUTS = {"--algo": "train.algo", "--model": "model.name_or_path", "--task": "data.task", "--output-dir": "log.output_dir", "--rollout": "train.rollout"}
+#: shortcuts that are flags (no value): ``--skip-bad-rows`` = ``--data.skip_bad_rows true``
+FLAGS = {"--skip-bad-rows": ("data.skip_bad_rows", "true")}
 
 
 def _split_overrides(rest: list[str]) -> dict[str, str]:
@@ -21,6 +23,11 @@ def _split_overrides(rest: list[str]) -> dict[str, str]:
     i = 0
     while i < len(rest):
         tok = rest[i]
+        if tok in FLAGS:
+            key, val = FLAGS[tok]
+            out[key] = val
+            i += 1
+            continue
         if not tok.startswith("--"):
             raise SystemExit(f"segrl: unexpected argument {tok!r} (options look like --section.field value)")
         if "=" in tok:
@@ -59,6 +66,11 @@ def _load(args, rest):
 def cmd_train(args, rest) -> int:
     import torch
 
+    if isinstance(args.resume, str) and args.config is None:
+        # Resuming: the run's own config is the base; options given now override it.
+        saved = os.path.join(args.resume, "config.yaml")
+        if os.path.isfile(saved):
+            args.config = saved
     cfg = _load(args, rest)
     torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))
     from .trainer.trainer import Trainer
@@ -66,9 +78,21 @@ def cmd_train(args, rest) -> int:
     run_dir = args.resume if isinstance(args.resume, str) else None
     if args.resume is True and cfg.log.output_dir is None:
         raise SystemExit("segrl: --resume needs the run directory (--resume RUN_DIR or --log.output_dir RUN_DIR)")
-    trainer = Trainer(cfg, run_dir=run_dir)
-    trainer.console.print(f"[bold]segrl train[/bold] algo={cfg.train.algo} model={cfg.model.name_or_path} task={cfg.data.task} -> {trainer.run_dir}")
-    summary = trainer.train(resume=bool(args.resume))
+    from .rewards.combine import RewardError
+    from .tasks.math_datasets import DatasetError
+    from .trainer.trainer import TrainingError
+
+    try:
+        trainer = Trainer(cfg, run_dir=run_dir)
+        trainer.console.print(f"[bold]segrl train[/bold] algo={cfg.train.algo} model={cfg.model.name_or_path} task={cfg.data.task} -> {trainer.run_dir}")
+        summary = trainer.train(resume=bool(args.resume))
+    except (DatasetError, TrainingError, RewardError) as e:
+        # Expected failures (bad data, broken reward code, diverged training) end with their
+        # message, which names the file/row, the field or the reward function's traceback.
+        print(f"segrl: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if "interrupted_at_step" in summary:
+        return 0
     b, a = summary.get("before", {}), summary.get("after", {})
     if b and a:
         print(f"held-out pass@1: before {b['pass@1']:.3f} -> after {a['pass@1']:.3f} ({100 * (a['pass@1'] - b['pass@1']):+.1f} points)")
