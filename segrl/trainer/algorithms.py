@@ -91,6 +91,19 @@ class Algorithm:
         return refs, rewards, index
 
 
+def _outcome_advantage(fn, rewards: torch.Tensor, index: torch.Tensor, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """``fn(rewards, index, scale_rewards=scale)``; under torchrun ``batch`` scaling divides by
+    the reward std over *all* ranks' trajectories (groups never span ranks, so group
+    statistics are already exact locally)."""
+    from .. import distributed as segrl_dist
+
+    if scale == "batch" and segrl_dist.get_world_size() > 1:
+        n, _, std = segrl_dist.global_mean_std(rewards)
+        adv = fn(rewards, index, scale_rewards="none")
+        return adv / (std + eps) if n > 1 else adv
+    return fn(rewards, index, scale_rewards=scale)
+
+
 @register_algorithm("grpo")
 class GRPO(Algorithm):
     """GRPO (arXiv 2402.03300) with TRL's options; ``train.rollout=treepo`` samples the
@@ -105,7 +118,7 @@ class GRPO(Algorithm):
         return scorer([(t, leaf) for t in trees for leaf in t.leaves()])
 
     def advantages(self, rewards: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return get_advantage("grpo")(rewards, index, scale_rewards=self.cfg.train.scale_rewards)
+        return _outcome_advantage(get_advantage("grpo"), rewards, index, self.cfg.train.scale_rewards)
 
     def samples(self, trees):
         refs, rewards, index = self._leaf_arrays(trees)
@@ -125,4 +138,4 @@ class RLOO(GRPO):
 
     def advantages(self, rewards, index):
         scale = "batch" if self.cfg.train.scale_rewards == "batch" else "none"
-        return get_advantage("rloo")(rewards, index, scale_rewards=scale)
+        return _outcome_advantage(get_advantage("rloo"), rewards, index, scale)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..engine.hf_engine import Engine, SamplingParams
+from ..models.loading import encode_prompt
 from ..samplers.group import sample_groups
 from ..tasks.base import Task
 
@@ -76,7 +77,7 @@ def evaluate(
     rows = list(rows if rows is not None else task.test)[:num_problems]
     params = SamplingParams(temperature=temperature, top_p=top_p, stop_strings=tuple(task.stop_strings))
     engine = Engine(model, tokenizer, params, max_batch_size=max_batch_size, seed=seed)
-    prompts = [tokenizer(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]  # chat template if set up
     trees = engine.new_trees(prompts, rows)
     if sampler is None:
         sample_groups(engine, trees, k, max_new_tokens)

@@ -29,10 +29,12 @@ import numpy as np
 import torch
 import yaml
 
+from .. import distributed as segrl_dist
 from ..algos.logprobs import sequence_logprobs
 from ..algos.losses import LossNormalizer, policy_loss
 from ..algos.samples import TrainSample
 from ..configs import SegrlConfig, to_dict
+from ..models.loading import encode_prompt
 from ..engine.hf_engine import Engine, SamplingParams
 from ..tasks.base import Task
 from ..tree import FinishReason, RolloutTree, save_jsonl
@@ -79,10 +81,18 @@ class Trainer:
     ):
         self.cfg = cfg
         _seed_everything(cfg.train.seed)
+        # torchrun: join the process group (no-op in one process); each rank trains on its
+        # own slice of the prompts (segrl.distributed)
+        self.dist = segrl_dist.setup(cfg.distributed.backend, cfg.distributed.strategy, cfg.model.device)
+        cfg.model.device = segrl_dist.rank_device(cfg.model.device, self.dist)
         if model is None:
             from ..models.loading import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(cfg.model)
+        if cfg.lora.r > 0:
+            from ..models.lora import apply_lora
+
+            model = apply_lora(model, cfg.lora)
         self.model, self.tokenizer = model, tokenizer
         if task is None:
             from ..tasks.registry import load_task
@@ -93,7 +103,8 @@ class Trainer:
         self.run_dir = Path(run_dir or cfg.log.output_dir or f"runs/{cfg.train.algo}-{stamp}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.logger = MetricsLogger(self.run_dir, cfg.log.report_to, console)
+        main = self.dist.is_main  # other ranks log to run_dir/rankN
+        self.logger = MetricsLogger(self.run_dir if main else self.run_dir / f"rank{self.dist.rank}", cfg.log.report_to if main else [], console)
         self.console = self.logger.console
         self.algorithm = get_algorithm(cfg.train.algo)(cfg)
         self.algorithm.new_trees = self.new_trees  # dynamic sampling tops batches up with it
@@ -104,12 +115,15 @@ class Trainer:
             self.tokenizer,
             SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, stops),
             max_batch_size=cfg.sampling.max_batch_size,
-            seed=cfg.train.seed,
+            seed=cfg.train.seed + 1009 * self.dist.rank,
         )
         self.scorer = Scorer(task, list(reward_funcs or []), cfg.data, self.tokenizer)
         self.prompt_ids = self._tokenize_prompts(task.train)
         t = cfg.train
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # forward/backward run through self.policy (DDP / FSDP2 under torchrun); the engine
+        # samples with the unwrapped self.model
+        self.policy = segrl_dist.wrap_policy(self.model, self.dist, cfg.model.device)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
         from transformers import get_scheduler
 
@@ -130,7 +144,7 @@ class Trainer:
 
     # ----- data ------------------------------------------------------------------------
     def _tokenize_prompts(self, rows) -> list[list[int]]:
-        ids = [self.tokenizer(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
+        ids = [encode_prompt(self.tokenizer, r["prompt"]) for r in rows]  # chat template if set up
         too_long = [i for i, x in enumerate(ids) if len(x) > self.cfg.data.max_prompt_length]
         if too_long:
             # Tasks read from files say where each row came from (``row_sources``).
@@ -168,9 +182,10 @@ class Trainer:
         """Fresh root trees for the next ``n`` prompts (also used by dynamic sampling).
 
         Group ids are unique within a step (a counter reset at each step's start)."""
-        idx = self._next_rows(n)
+        W = self.dist.world_size  # torchrun: n prompts per rank, disjoint slices of one order
+        idx = segrl_dist.shard(self._next_rows(n * W), self.dist)
         g0, self._group_counter = self._group_counter, self._group_counter + n
-        return [RolloutTree(self.prompt_ids[i], group=g0 + g, row=self.task.train[i]) for g, i in enumerate(idx)]
+        return [RolloutTree(self.prompt_ids[i], group=(g0 + g) * W + self.dist.rank, row=self.task.train[i]) for g, i in enumerate(idx)]
 
     # ----- model helpers ---------------------------------------------------------------
     def _make_reference(self):
@@ -207,7 +222,7 @@ class Trainer:
         with torch.no_grad():
             if self.ref_model == "adapters-disabled":
                 with self.model.disable_adapter():
-                    return sequence_logprobs(self.model, ids, attn, C, temp, chunk)[0]
+                    return self.policy(ids, attn, C, temp, chunk)[0]
             return sequence_logprobs(self.ref_model, ids, attn, C, temp, chunk)[0]
 
     # ----- one optimisation step -------------------------------------------------------
@@ -215,14 +230,19 @@ class Trainer:
         """``num_iterations`` passes over ``samples``, one optimizer step per pass."""
         t = self.cfg.train
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        n_seq = segrl_dist.all_reduce_sum(len(samples))  # batch-wide counts are over all ranks
+        if n_seq == 0:
+            return {}
+        if not samples:  # torchrun: nothing here, but this rank must join the gradient all-reduce
+            samples = [TrainSample([pad], [pad], [0.0], [0.0], [0])]
         samples = sorted(samples, key=lambda s: len(s.context) + len(s.response))
-        mbs = [samples[i : i + t.micro_batch_size] for i in range(0, len(samples), t.micro_batch_size)]
+        mbs = micro_batches(samples, t.micro_batch_size, t.max_tokens_per_micro_batch)
         batches = [self._collate(mb, pad) for mb in mbs]
         refs = [self._ref_logprobs(ids, attn, C) for ids, attn, C, *_ in batches] if self.ref_model is not None else [None] * len(batches)
         norm = LossNormalizer(
-            num_tokens=float(sum(sum(s.mask) for s in samples)),
-            num_sequences=float(len(samples)),
-            num_micro_batches=len(batches),
+            num_tokens=segrl_dist.all_reduce_sum(sum(sum(s.mask) for s in samples)),
+            num_sequences=n_seq,
+            num_micro_batches=int(segrl_dist.all_reduce_sum(len(batches))),
             max_completion_length=self.cfg.sampling.max_completion_length,
         )
         agg: dict[str, float] = {}
@@ -230,17 +250,21 @@ class Trainer:
         for _ in range(t.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for (ids, attn, C, old, adv, mask), ref in zip(batches, refs):
-                logp, ent = sequence_logprobs(self.model, ids, attn, C, self.cfg.sampling.temperature, self.cfg.model.logprob_chunk_size)
-                loss, sums = policy_loss(
-                    logp, old, adv, mask, norm, t.loss_type, t.epsilon, t.epsilon_high, t.dual_clip, t.beta, ref
-                )
-                loss.backward()
+            for bi, ((ids, attn, C, old, adv, mask), ref) in enumerate(zip(batches, refs)):
+                # gradients are all-reduced on the last micro-batch only (accumulation)
+                with segrl_dist.grad_sync(self.policy, bi == len(batches) - 1):
+                    logp, ent = self.policy(ids, attn, C, self.cfg.sampling.temperature, self.cfg.model.logprob_chunk_size)
+                    loss, sums = policy_loss(
+                        logp, old, adv, mask, norm, t.loss_type, t.epsilon, t.epsilon_high, t.dual_clip, t.beta, ref
+                    )
+                    # the normalisers are global and DDP/FSDP average over ranks: x world size
+                    (loss * self.dist.world_size).backward()
                 total_loss += float(loss.detach())
                 sums["entropy"] = float((ent * mask).sum())
                 for k, v in sums.items():
                     agg[k] = agg.get(k, 0.0) + v
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            total_loss = segrl_dist.all_reduce_sum(total_loss)  # every rank takes the same skip decision
+            params = [p for p in self.policy.parameters() if p.requires_grad]
             gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
             if not (math.isfinite(total_loss) and torch.isfinite(gn)):
                 # A NaN/inf never reaches the weights: skip this update, count it, go on.
@@ -342,6 +366,14 @@ class Trainer:
         }
 
     def save(self, extra: dict | None = None) -> Path:
+        if self.dist.enabled:  # torchrun: rank 0 writes (the replicas are identical), the others wait
+            d, self.dist = self.dist, dataclasses.replace(self.dist, world_size=1)
+            try:
+                path = self.save(extra) if d.is_main else None
+            finally:
+                self.dist = d
+            segrl_dist.barrier()
+            return path
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never let a NaN/inf reach saved weights
             raise TrainingError(f"step {self.step}: non-finite values in {bad[:3]}; not saving (the last checkpoint is intact)")
@@ -475,6 +507,9 @@ class Trainer:
             # (If this step is already checkpointed, a resume re-runs the deterministic
             # final evaluation instead of rewriting the checkpoint.)
             self.save({"summary": summary})
+        if not self.dist.is_main:  # rank 0 writes the final model and the summary
+            self.logger.close()
+            return summary
         maybe_kill("before_final_model", self.step)
         final, tmp = self.run_dir / "final_model", self.run_dir / ".tmp-final_model"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -494,7 +529,8 @@ class Trainer:
         self._group_counter = 0
         trees = self.new_trees(self.cfg.train.prompts_per_step)
         self.engine.reset_stats()
-        roll = self.algorithm.rollout(self.engine, trees, self.scorer.bind(self))
+        with segrl_dist.gathered_for_rollout(self.policy):  # FSDP2: full weights for sampling
+            roll = self.algorithm.rollout(self.engine, trees, self.scorer.bind(self))
         trees = roll.pop("_trees", trees)  # dynamic sampling may replace the batch
         stats = self.engine.stats
         t1 = time.perf_counter()
@@ -503,7 +539,7 @@ class Trainer:
         metrics["tree/decoded_tokens"] = float(stats.decode_tokens)
         metrics["tree/prefill_tokens"] = float(stats.prefill_tokens)
         maybe_kill("after_rollout", self.step + 1)
-        if samples:
+        if samples or self.dist.enabled:
             metrics.update(self.optimize(samples))
         t2 = time.perf_counter()
         self.step += 1
@@ -511,7 +547,8 @@ class Trainer:
         if self.cfg.log.save_rollouts:
             for tr in trees:
                 tr.row = {**tr.row, "step": self.step}
-            save_jsonl(trees, self.run_dir / "rollouts.jsonl", append=True)
+            name = "rollouts.jsonl" if self.dist.is_main else f"rollouts.rank{self.dist.rank}.jsonl"
+            save_jsonl(trees, self.run_dir / name, append=True)
         self.logger.log(self.step, metrics, echo=self.step % self.cfg.log.logging_steps == 0)
         maybe_kill("after_step", self.step)
         return metrics
@@ -526,6 +563,26 @@ def _truncate(path: Path, size: int) -> None:
     if path.exists() and path.stat().st_size > size:
         with open(path, "r+b") as f:
             f.truncate(size)
+
+
+def micro_batches(samples: Sequence[TrainSample], max_seqs: int, max_tokens: int = 0) -> list[list[TrainSample]]:
+    """Consecutive runs of ``samples`` (sort them by length first) with at most ``max_seqs``
+    rows and, when ``max_tokens > 0``, at most ``max_tokens`` padded tokens (rows x (longest
+    context + longest response), what :meth:`Trainer._collate` allocates). A sample longer
+    than ``max_tokens`` on its own is a micro-batch by itself."""
+    out: list[list[TrainSample]] = []
+    cur: list[TrainSample] = []
+    c_max = r_max = 0
+    for s in samples:
+        c, r = max(c_max, len(s.context)), max(r_max, len(s.response))
+        if cur and (len(cur) >= max_seqs or (max_tokens > 0 and (len(cur) + 1) * (c + r) > max_tokens)):
+            out.append(cur)
+            cur, c, r = [], len(s.context), len(s.response)
+        cur.append(s)
+        c_max, r_max = c, r
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _rng_to_json(obj):
