@@ -15,11 +15,11 @@ def load_task(cfg) -> Task:
     if name == "gsm8k":
         from .math_datasets import gsm8k_task
 
-        return gsm8k_task(cfg.train_file)
+        return gsm8k_task(cfg.train_file, test_path=cfg.test_file, skip_bad_rows=cfg.skip_bad_rows)
     if name in ("math500", "math"):
         from .math_datasets import math500_task
 
-        return math500_task(cfg.train_file)
+        return math500_task(cfg.train_file, test_path=cfg.test_file, skip_bad_rows=cfg.skip_bad_rows)
     if name.startswith("reasoning_gym:"):
         from .reasoning_gym import reasoning_gym_task
 
