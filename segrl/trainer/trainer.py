@@ -148,9 +148,8 @@ class Trainer:
         too_long = [i for i, x in enumerate(ids) if len(x) > self.cfg.data.max_prompt_length]
         if too_long:
             # Tasks read from files say where each row came from (``row_sources``).
-            sources = getattr(self.task, "row_sources", None)
             i0 = too_long[0]
-            where = f"{sources[i0][0]}: row {sources[i0][1]}" if sources else f"train row {i0 + 1}"
+            where = self._row_source(i0)
             msg = (
                 f"{len(too_long)} prompt(s) longer than data.max_prompt_length={self.cfg.data.max_prompt_length} tokens "
                 f"(first: {where}, {len(ids[i0])} tokens)"
@@ -162,6 +161,24 @@ class Trainer:
         else:
             self._skip = set()
         return ids
+
+    def _row_source(self, i: int) -> str:
+        """Where train row ``i`` came from: ``FILE: row N`` for file tasks (error messages)."""
+        sources = getattr(self.task, "row_sources", None)
+        if sources:
+            return f"{sources[i][0]}: row {sources[i][1]}"
+        d = self.cfg.data
+        if d.task == "file" and isinstance(d.train_file, str):
+            try:  # error path only: read the file again with row numbers as ids
+                from ..tasks.math_datasets import load_rows
+
+                again = load_rows(d.train_file, d.prompt_column, d.answer_column, skip_bad_rows=True, id_column="\0row")
+                for r in again.rows:
+                    if r["prompt"] == self.task.train[i]["prompt"]:
+                        return f"{d.train_file}: row {r['id']}"
+            except Exception:  # noqa: BLE001 - the message is a courtesy
+                pass
+        return f"train row {i + 1}"
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + epoch)
