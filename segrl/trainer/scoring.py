@@ -23,10 +23,16 @@ class Scorer:
             except AttributeError:  # a bound method or builtin: it goes to the worker
                 pass
         funcs = [task.correctness, *task.extra_reward_funcs, *extra_funcs]
-        funcs += [load_reward_func(spec) for spec in data_cfg.reward_funcs]
+        from ..configs import ConfigError
+
+        for spec in data_cfg.reward_funcs:
+            try:
+                funcs.append(load_reward_func(spec))
+            except Exception as e:  # a missing file/module/function is an invalid config value
+                raise ConfigError(f"data.reward_funcs: cannot load {spec!r}: {type(e).__name__}: {e}") from e
         weights = data_cfg.reward_weights
         if weights is not None and len(weights) != len(funcs):
-            raise ValueError(f"data.reward_weights: {len(weights)} weights for {len(funcs)} reward functions")
+            raise ConfigError(f"data.reward_weights: {len(weights)} weights for {len(funcs)} reward functions")
         self.computer = RewardComputer(
             funcs,
             weights=weights,
