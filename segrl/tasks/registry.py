@@ -28,4 +28,6 @@ def load_task(cfg) -> Task:
         from .math_datasets import file_task
 
         return file_task(cfg)
-    raise ValueError(f"data.task: unknown task {name!r} (arithmetic, gsm8k, math500, reasoning_gym:<name>, file)")
+    from ..configs import ConfigError
+
+    raise ConfigError(f"data.task: unknown task {name!r} (arithmetic, gsm8k, math500, reasoning_gym:<name>, file)")
