@@ -78,6 +78,7 @@ def cmd_train(args, rest) -> int:
     run_dir = args.resume if isinstance(args.resume, str) else None
     if args.resume is True and cfg.log.output_dir is None:
         raise SystemExit("segrl: --resume needs the run directory (--resume RUN_DIR or --log.output_dir RUN_DIR)")
+    from .configs import ConfigError
     from .rewards.combine import RewardError
     from .tasks.math_datasets import DatasetError
     from .trainer.trainer import TrainingError
@@ -86,7 +87,9 @@ def cmd_train(args, rest) -> int:
         trainer = Trainer(cfg, run_dir=run_dir)
         trainer.console.print(f"[bold]segrl train[/bold] algo={cfg.train.algo} model={cfg.model.name_or_path} task={cfg.data.task} -> {trainer.run_dir}")
         summary = trainer.train(resume=bool(args.resume))
-    except (DatasetError, TrainingError, RewardError) as e:
+    except ConfigError as e:  # found while building the run (reward_funcs, task name, ...)
+        raise SystemExit(f"segrl: invalid config: {e}") from None
+    except (DatasetError, FileNotFoundError, TrainingError, RewardError) as e:
         # Expected failures (bad data, broken reward code, diverged training) end with their
         # message, which names the file/row, the field or the reward function's traceback.
         print(f"segrl: {type(e).__name__}: {e}", file=sys.stderr)
