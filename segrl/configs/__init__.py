@@ -28,8 +28,11 @@ class SegrlConfig:
 
 
 def load_config(path=None, overrides=None) -> SegrlConfig:
-    """Load a :class:`SegrlConfig` from an optional YAML file plus dotted overrides."""
-    return load(SegrlConfig, path, overrides)
+    """Load a :class:`SegrlConfig` from an optional YAML file plus dotted overrides, on top of
+    the selected algorithm's recipe defaults (``segrl/recipes/<algo>[_<task>].yaml``)."""
+    from ..recipes import recipe_defaults
+
+    return load(SegrlConfig, path, overrides, base=recipe_defaults(path, overrides))
 
 
 __all__ = [

@@ -1,0 +1,453 @@
+"""TreePO segment-tree sampler (Li et al., arXiv 2508.17445, Sec. 3 and Algorithm 1).
+
+Every prompt grows a tree of fixed-length segments. A *round* is ONE batched
+:meth:`Engine.extend` call over every pending path of every prompt; each path continues from
+its cached KV (a segment is a tree node, so a shared prefix is decoded once and its KV forked),
+and a node with no cached state (a fallback cut point) is prefilled from its own path, i.e. the
+context is rebuilt from the kept prefix.
+
+Per round, for each prompt (``w`` = width, ``d`` = divergence)::
+
+    classify each new segment by early_stop_order (first rule that fires):
+        answer (+EOS) | eos | length | depth | repetition  -> a finished leaf, else active
+    if the prompt has active paths:                             # branching + budget transfer
+        budget = min(w - finished, d * finished_this_round + d * active), at least active
+        split budget over active paths (>= 1 each; even, or softmax of log-prob scores,
+        largest remainder)
+    elif finished < w:                                          # depth-first fallback
+        pick finished leaves by policy, cut each at a segment boundary, regrow
+        ``fallback_copies`` paths from each cut until w is used up
+
+Invariant: in-flight + finished paths never exceed ``w``; in the default ``leaves`` budget
+mode every prompt ends with exactly ``w`` leaves. See ``docs/treepo.md`` for the defects of
+the released sampler that this one fixes (stale fallback context, window -1 crash, random
+initial width not reachable, answer split across segments, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..configs.loader import ConfigError
+from ..engine.hf_engine import Engine
+from ..tree import FinishReason, RolloutTree
+
+#: fallback "finished_first" priority (code: finished 7 > unclosed 6 > EOS 5 > steps 4 > tokens 3 > repetition 2)
+FINISH_PRIORITY = {
+    FinishReason.ANSWER: 7,
+    FinishReason.EOS: 5,
+    FinishReason.STOP: 5,
+    FinishReason.DEPTH: 4,
+    FinishReason.LENGTH: 3,
+    FinishReason.REPETITION: 2,
+}
+ALL_REASONS = (FinishReason.ANSWER, FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH, FinishReason.DEPTH, FinishReason.REPETITION)
+
+
+# ----- pure helpers ------------------------------------------------------------------------
+def branch_budget(width: int, finished: int, finished_this_round: int, active: int, divergence: int) -> int:
+    """Children a prompt grows next round (the code's "budget" with branching budget transfer).
+
+    ``min(width - finished, divergence * (finished_this_round + active))``, but never fewer
+    than ``active`` (every active path continues). Paths that finished this round donate their
+    ``divergence`` branches to the prompt's still-active paths.
+    """
+    b = min(width - finished, divergence * finished_this_round + divergence * active)
+    return max(b, active)
+
+
+def allocate_branches(budget: int, weights: Sequence[float], generator: torch.Generator | None = None) -> list[int]:
+    """Split ``budget`` children over paths with ``weights``: >= 1 each, the rest by the
+    largest-remainder method (code: ``weight_to_discrete_allocate``).
+
+    Ties in the remainders are broken at random with ``generator`` (by position without one).
+    """
+    n = len(weights)
+    if n == 0:
+        return []
+    if budget < n:
+        raise ValueError(f"budget {budget} < {n} paths (every path needs a child)")
+    total = float(sum(weights))
+    w = [1.0 / n] * n if total <= 0 or not math.isfinite(total) else [x / total for x in weights]
+    rest = budget - n
+    shares = [x * rest for x in w]
+    base = [int(math.floor(s + 1e-9)) for s in shares]
+    rem = rest - sum(base)
+    tie = torch.rand(n, generator=generator).tolist() if generator is not None else [0.0] * n
+    order = sorted(range(n), key=lambda i: (-(shares[i] - base[i]), tie[i], i))
+    for i in order[:rem]:
+        base[i] += 1
+    return [1 + b for b in base]
+
+
+def has_repetition(text: str, substring: int = 32, count: int = 8) -> bool:
+    """TreePO's "mumbling" detector: some ``substring``-character string occurs at least
+    ``count`` times (non-overlapping) in ``text``."""
+    if len(text) < substring * count:
+        return False
+    grams = Counter(text[i : i + substring] for i in range(len(text) - substring + 1))
+    return any(text.count(g) >= count for g, c in grams.items() if c >= count)
+
+
+@dataclass
+class _Prompt:
+    """Sampling state of one prompt's tree."""
+
+    tree: RolloutTree
+    width: int
+    pending: dict[int, int]  # node -> children to grow in the next round (the in-flight paths)
+    finished: list[int] = field(default_factory=list)
+    active: list[int] = field(default_factory=list)
+    new_finished: int = 0
+    fallback_nodes: set[int] = field(default_factory=set)
+    fallback_points: int = 0
+    fallback_rounds: int = 0
+    initial_width: int = 0
+
+    def in_flight(self) -> int:
+        return sum(self.pending.values())
+
+
+class TreePOSampler:
+    """Grows TreePO segment trees (see module docstring).
+
+    Args:
+        cfg: the whole :class:`~segrl.configs.SegrlConfig` (``treepo``, ``sampling``, ``train``).
+        width: leaves per prompt (default ``treepo.width`` or ``train.num_generations``).
+        divergence: override ``treepo.divergence`` (tree-sampled evaluation).
+        budget_mode: override ``treepo.budget_mode``.
+    Raises:
+        ConfigError naming the ``treepo.*`` field for settings that conflict across sections.
+    """
+
+    def __init__(self, cfg, width: int | None = None, divergence: int | None = None, budget_mode: str | None = None):
+        tp = cfg.treepo
+        self.cfg = cfg
+        self.tp = tp
+        self.width = int(width or tp.width or cfg.train.num_generations)
+        self.max_len = int(cfg.sampling.max_completion_length)
+        self.divergence = int(divergence or tp.divergence)
+        self.divergence_max = None if divergence is not None else tp.divergence_max
+        self.budget_mode = budget_mode or tp.budget_mode
+        self.initial_width = tp.initial_width
+        self.initial_width_max = tp.initial_width_max
+        where = "treepo.width" if (width is None and tp.width is not None) else ("treepo.width (= train.num_generations)" if width is None else "width")
+        if self.width < 1:
+            raise ConfigError(f"{where}: must be >= 1, got {self.width}")
+        if self.width < self.initial_width:
+            raise ConfigError(f"{where}: width ({self.width}) must be >= treepo.initial_width ({self.initial_width})")
+        if self.initial_width_max is not None and self.initial_width_max > self.width:
+            raise ConfigError(f"treepo.initial_width_max: must be <= width ({self.width}), got {self.initial_width_max}")
+        if self.budget_mode == "tokens" and tp.min_width > self.width:
+            raise ConfigError(f"treepo.min_width: must be <= width ({self.width}), got {tp.min_width}")
+        if tp.segment_length <= 0:
+            raise ConfigError(f"treepo.segment_length: must be > 0, got {tp.segment_length}")
+        if tp.fallback_window is not None and tp.fallback_window <= 0:
+            raise ConfigError(f"treepo.fallback_window: must be > 0, got {tp.fallback_window}")
+        self.order = list(tp.early_stop_order)
+        self.answer_re = re.compile(tp.answer_pattern)
+        #: per round: list of (in_flight, finished) per prompt, after the round's decisions
+        self.trace: list[list[tuple[int, int]]] = []
+        self.last_metrics: dict[str, float] = {}
+
+    # ----- public API ----------------------------------------------------------------------
+    def sample(self, engine: Engine, trees: Sequence[RolloutTree], scorer=None, progress: float | None = None) -> dict:
+        """Grow ``trees``, score every leaf with ``scorer`` (if given), return metrics."""
+        if progress is None:
+            progress = _training_progress(scorer)
+        metrics = self.grow(engine, trees, progress)
+        if scorer is not None:
+            refs = [(t, leaf) for t in trees for leaf in t.leaves(include_mc=False)]
+            metrics = {**scorer(refs), **metrics}
+        return metrics
+
+    def eval_sampler(self, k: int) -> Callable[[Engine, Sequence[RolloutTree]], None]:
+        """A ``sampler(engine, trees)`` for evaluation that leaves exactly ``k`` leaves per tree
+        (width ``k``, budget mode ``leaves``, divergence ``treepo.eval_divergence``)."""
+        import copy
+
+        cfg = copy.deepcopy(self.cfg)
+        cfg.treepo.initial_width = min(cfg.treepo.initial_width, k)
+        if cfg.treepo.initial_width_max is not None:
+            cfg.treepo.initial_width_max = min(cfg.treepo.initial_width_max, k)
+        sub = TreePOSampler(cfg, width=k, divergence=cfg.treepo.eval_divergence, budget_mode="leaves")
+
+        def sampler(engine: Engine, trees: Sequence[RolloutTree]) -> None:
+            sub.grow(engine, trees)
+
+        sampler.treepo = sub  # type: ignore[attr-defined]  (metrics of the last call: sampler.treepo.last_metrics)
+        return sampler
+
+    def grow(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+        """Sample the trees (no scoring). Returns ``tree/*`` metrics; frees all cached KV."""
+        g = engine.generator
+        temperature = self._temperature(progress)
+        self._tok = engine.tokenizer
+        states: list[_Prompt] = []
+        for t in trees:
+            k0 = self.initial_width
+            if self.initial_width_max is not None and self.initial_width_max > k0:
+                k0 = _randint(k0, self.initial_width_max, g)
+            k0 = min(k0, self.width)
+            states.append(_Prompt(t, self.width, {0: k0}, initial_width=k0))
+        decoded0, prefill0 = engine.stats.decode_tokens, engine.stats.prefill_tokens
+        self.trace = []
+        max_rounds = self.tp.max_rounds or self.tp.max_depth * (self.width + 1) + 1
+        rounds = 0
+        try:
+            while any(s.pending for s in states):
+                if rounds >= max_rounds:
+                    self._abort(states)
+                    break
+                rounds += 1
+                self._round(engine, states, temperature, g)
+                self.trace.append([(s.in_flight(), len(s.finished)) for s in states])
+        finally:
+            Engine.release(trees)
+        for s in states:
+            s.tree[0].info["treepo"] = {
+                "width": s.width,
+                "initial_width": s.initial_width,
+                "fallback_points": s.fallback_points,
+                "fallback_rounds": s.fallback_rounds,
+            }
+        m = tree_metrics(trees)
+        m["tree/rounds"] = float(rounds)
+        m["tree/engine_decoded_tokens"] = float(engine.stats.decode_tokens - decoded0)
+        m["tree/prefill_tokens"] = float(engine.stats.prefill_tokens - prefill0)
+        if self.tp.divergence_policy != "fixed":
+            m["tree/divergence_temperature"] = temperature
+        self.last_metrics = m
+        return m
+
+    # ----- one round ---------------------------------------------------------------------
+    def _round(self, engine: Engine, states: list[_Prompt], temperature: float, g: torch.Generator) -> None:
+        tp = self.tp
+        refs, lims, kids, meta = [], [], [], []
+        for s in states:
+            for node, k in s.pending.items():
+                room = self.max_len - s.tree.completion_len(node)
+                refs.append((s.tree, node))
+                lims.append(max(1, min(tp.segment_length, room)))
+                kids.append(k)
+                meta.append((s, node in s.fallback_nodes))
+        out = engine.extend(refs, lims, kids) if refs else []  # ONE batched call per round
+        for s in states:
+            s.pending, s.active, s.new_finished, s.fallback_nodes = {}, [], 0, set()
+        for (s, from_fallback), children in zip(meta, out):
+            for tree, c in children:
+                if from_fallback:
+                    tree[c].info["fallback"] = True
+                reason = self._classify(tree, c)
+                if reason is None:
+                    s.active.append(c)
+                else:
+                    tree[c].finish_reason = reason
+                    tree.kv.pop(c, None)  # a finished leaf is never extended
+                    s.finished.append(c)
+                    s.new_finished += 1
+        for s in states:
+            w = self._width(s)
+            if s.active:
+                div = self.divergence
+                if self.divergence_max is not None and self.divergence_max > div:
+                    div = _randint(div, self.divergence_max, g)
+                budget = branch_budget(w, len(s.finished), s.new_finished, len(s.active), div)
+                alloc = allocate_branches(budget, self._weights(s.tree, s.active, temperature), g)
+                s.pending = dict(zip(s.active, alloc))
+            elif tp.fallback and len(s.finished) < w:
+                self._fallback(s, w, g)
+
+    def _abort(self, states: list[_Prompt]) -> None:
+        """Safety cap reached (should not happen): close open paths as depth-truncated."""
+        for s in states:
+            for node in list(s.pending):
+                if s.tree[node].is_leaf and node != 0:
+                    s.tree[node].finish_reason = FinishReason.DEPTH
+                    s.finished.append(node)
+            s.pending = {}
+
+    # ----- early stop -----------------------------------------------------------------------
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def _classify(self, tree: RolloutTree, c: int) -> str | None:
+        """The finish reason of new segment ``c`` (first rule of early_stop_order that fires),
+        or None if the path stays active."""
+        node = tree[c]
+        ended = node.finish_reason in (FinishReason.EOS, FinishReason.STOP)
+        for rule in self.order:
+            if rule == "answer":
+                if (ended or self.tp.answer_policy == "answer_as_eos") and self.answer_re.search(
+                    self._decode(tree.path_token_ids(c, include_prompt=False))
+                ):
+                    return FinishReason.ANSWER
+            elif rule == "eos":
+                if ended:
+                    return node.finish_reason
+            elif rule == "length":
+                if tree.completion_len(c) >= self.max_len:
+                    return FinishReason.LENGTH
+            elif rule == "depth":
+                if node.depth >= self.tp.max_depth:
+                    return FinishReason.DEPTH
+            elif rule == "repetition":
+                if has_repetition(self._decode(node.token_ids), self.tp.repetition_substring, self.tp.repetition_count):
+                    return FinishReason.REPETITION
+        return None
+
+    # ----- branching -------------------------------------------------------------------------
+    def _width(self, s: _Prompt) -> int:
+        """Leaves this prompt may end with (token-budget mode re-estimates it every round)."""
+        if self.budget_mode == "leaves" or not s.finished:
+            return s.width
+        avg = sum(s.tree.completion_len(l) for l in s.finished) / len(s.finished)
+        est = int(self.tp.token_budget // max(avg, 1.0))
+        return max(self.tp.min_width, min(s.width, est))
+
+    def _weights(self, tree: RolloutTree, active: list[int], temperature: float) -> list[float]:
+        pol = self.tp.divergence_policy
+        if pol == "fixed":
+            return [1.0] * len(active)
+        scores = []
+        for c in active:
+            lps = tree[c].logprobs if self.tp.divergence_score == "segment_mean" else tree.path_logprobs(c)
+            if self.tp.divergence_score == "path_sum":
+                scores.append(float(sum(lps)))
+            else:
+                scores.append(float(sum(lps) / max(len(lps), 1)))
+        x = torch.tensor(scores, dtype=torch.float64) / temperature
+        if pol == "low_prob":
+            x = -x
+        return torch.softmax(x, 0).tolist()
+
+    def _temperature(self, progress: float | None) -> float:
+        t0, t1 = self.tp.divergence_temperature, self.tp.divergence_temperature_end
+        if t1 is None or progress is None:
+            return t0
+        p = min(max(progress, 0.0), 1.0)
+        return t1 + (t0 - t1) * 0.5 * (1 + math.cos(math.pi * p))
+
+    # ----- depth-first fallback -------------------------------------------------------------
+    def _fallback(self, s: _Prompt, width: int, g: torch.Generator) -> None:
+        need = width - len(s.finished)
+        cands = self._candidates(s, g)
+        copies = self.tp.fallback_copies or self.divergence
+        points: dict[int, int] = {}
+        i = 0
+        while need > 0:
+            if not cands:  # nothing eligible: fresh paths from the bare prompt
+                points[0] = points.get(0, 0) + need
+                break
+            j = i % len(cands)
+            i += 1
+            cut = self._cut(s, cands, j, points, g)
+            n = min(copies, need)
+            points[cut] = points.get(cut, 0) + n
+            need -= n
+        s.pending = points
+        s.fallback_nodes = set(points)
+        s.fallback_points += len(points)
+        s.fallback_rounds += 1
+
+    def _candidates(self, s: _Prompt, g: torch.Generator) -> list[int]:
+        tree, pol = s.tree, self.tp.fallback_trajectory_policy
+        leaves = list(s.finished)
+        if pol == "answer_eos":
+            leaves = [l for l in leaves if tree[l].finish_reason in FinishReason.COMPLETED]
+        if not leaves:
+            return []
+        perm = torch.randperm(len(leaves), generator=g).tolist()
+        leaves = [leaves[p] for p in perm]
+        if pol == "longer_first":
+            leaves.sort(key=lambda l: -tree.completion_len(l))  # stable: ties stay shuffled
+        elif pol == "finished_first":
+            u = torch.rand(len(leaves), generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+            gumbel = (-torch.log(-torch.log(u))).tolist()
+            key = {l: FINISH_PRIORITY.get(tree[l].finish_reason, 0) + gb for l, gb in zip(leaves, gumbel)}
+            leaves.sort(key=lambda l: -key[l])
+        return leaves
+
+    def _cut(self, s: _Prompt, cands: list[int], j: int, points: dict[int, int], g: torch.Generator) -> int:
+        """Cut leaf ``cands[j]`` back to a block boundary; return the node to regrow from.
+
+        A cut inside a segment (a window that is not a multiple of the segment length) splits
+        that node so the cut point is a node; indices are remapped in ``s.finished``,
+        ``cands`` and ``points``.
+        """
+        tree, leaf = s.tree, cands[j]
+        L = tree.completion_len(leaf)
+        w = self.tp.window
+        starts = list(range(0, L, w))
+        if self.tp.fallback_max_rewind is not None:
+            starts = [b for b in starts if b >= L - self.tp.fallback_max_rewind] or [starts[-1]]
+        pol = self.tp.fallback_cut_policy
+        if pol == "from_start":
+            keep = 0
+        elif pol == "random":
+            keep = starts[_randint(0, len(starts) - 1, g)]
+        else:  # lowest_prob
+            lps = tree.path_logprobs(leaf)
+            means = [sum(lps[b : b + w]) / len(lps[b : b + w]) for b in starts]
+            keep = starts[min(range(len(starts)), key=lambda i: means[i])]
+        if keep == 0:
+            return 0
+        for node, a, b in tree.segment_spans(leaf):
+            if b == keep:
+                return node
+            if a < keep < b:
+                t = tree.split(node, keep - a)
+                s.finished = [t if x == node else x for x in s.finished]
+                cands[:] = [t if x == node else x for x in cands]
+                if node in points:  # a cut point at the old end of `node` is now `t`
+                    points[t] = points.pop(node)
+                return node
+        raise AssertionError(f"cut {keep} not inside a completion of {L} tokens")
+
+
+# ----- metrics -------------------------------------------------------------------------------
+def tree_metrics(trees: Sequence[RolloutTree]) -> dict[str, float]:
+    """``tree/*`` metrics of sampled trees: shape, finish reasons, token savings.
+
+    ``tree/decoded_tokens`` counts each shared prefix once; ``tree/independent_equivalent_tokens``
+    is what sampling the same leaves independently would decode; their ratio is
+    ``tree/decoded_ratio`` (1 - ratio = the token saving).
+    """
+    leaves = [(t, l) for t in trees for l in t.leaves(include_mc=False)]
+    n_prompts = max(len(trees), 1)
+    decoded = sum(t.num_generated_tokens() for t in trees)
+    indep = sum(t.independent_equivalent_tokens() for t in trees)
+    fb = [t[0].info.get("treepo", {}).get("fallback_points", 0) for t in trees]
+    m = {
+        "tree/depth_mean": sum(t[l].depth for t, l in leaves) / max(len(leaves), 1),
+        "tree/depth_max": float(max((t[l].depth for t, l in leaves), default=0)),
+        "tree/leaves": len(leaves) / n_prompts,
+        "tree/fallbacks_per_prompt": sum(fb) / n_prompts,
+        "tree/prompt_fallback_ratio": sum(1 for x in fb if x) / n_prompts,
+        "tree/decoded_tokens": float(decoded),
+        "tree/independent_equivalent_tokens": float(indep),
+        "tree/decoded_ratio": decoded / indep if indep else 1.0,
+    }
+    for r in ALL_REASONS:
+        m[f"tree/finish_reason/{r}"] = sum(1 for t, l in leaves if t[l].finish_reason == r) / max(len(leaves), 1)
+    return m
+
+
+def _randint(lo: int, hi: int, g: torch.Generator) -> int:
+    """Uniform integer in ``[lo, hi]`` from the engine's generator (checkpointed with it)."""
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def _training_progress(scorer) -> float | None:
+    """Fraction of training done, for the divergence-temperature schedule (None outside training)."""
+    tr = getattr(scorer, "trainer", None)
+    try:
+        return tr.step / max(tr.cfg.train.max_steps, 1)
+    except AttributeError:
+        return None
