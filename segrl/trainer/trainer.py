@@ -287,7 +287,7 @@ class Trainer:
                 # A NaN/inf never reaches the weights: skip this update, count it, go on.
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_updates += 1
-                self.console.print(f"[red]step {self.step}: non-finite loss/grad (loss={total_loss}, grad_norm={float(gn)}); update skipped[/red]")
+                self.console.print(f"[red]step {self.step + 1}: non-finite loss/grad (loss={total_loss}, grad_norm={float(gn)}); update skipped[/red]")
                 if self.skipped_updates >= 5:
                     raise TrainingError("5 updates skipped for non-finite loss or gradients; stopping (last checkpoint is intact)")
             else:
