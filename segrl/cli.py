@@ -105,6 +105,8 @@ def cmd_train(args, rest) -> int:
 def cmd_eval(args, rest) -> int:
     import torch
 
+    # `segrl eval --rollout treepo` picks the evaluation sampler (eval.rollout), not train.rollout
+    rest = [("--eval.rollout" + r[len("--rollout"):]) if r == "--rollout" or r.startswith("--rollout=") else r for r in rest]
     cfg = _load(args, rest)
     torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))
     from .models.loading import load_model_and_tokenizer

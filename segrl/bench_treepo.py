@@ -1,0 +1,233 @@
+"""Benchmark: TreePO segment-tree sampling vs independent sampling of the same leaves.
+
+Both samplers run on the same engine settings, the same prompts (the arithmetic task's
+held-out rows), the same number of leaves per prompt (``width``) and the same token budget
+per trajectory (``max_len``). Reported per sampler: decoded tokens (sampled by the engine),
+trajectory tokens (the completions delivered, i.e. what independent sampling decodes),
+prefill tokens, wall-clock, trajectories/s, decoded tokens/s and trajectory tokens/s; then
+the tree/independent ratios and ``wall saving / decoded-token saving`` (goal >= 0.8: the
+decoded-token saving turns into wall-clock saving).
+
+    python -m segrl.bench_treepo                      # embedded model, then smollm2-135m if available
+    python -m segrl.bench_treepo --models default --prompts 64 --width 16 --repeats 3
+
+Timings are medians over ``--repeats`` alternating runs after one warm-up run of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _load(name: str):
+    import torch
+
+    from .configs import ModelConfig
+    from .models.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
+    model.eval()
+    torch.set_grad_enabled(False)
+    return model, tok
+
+
+def _available(name: str) -> str | None:
+    """None if the model can be loaded, else why not."""
+    if name == "default":
+        from .models.default import default_model_path
+
+        p = default_model_path() / "model.safetensors"
+        return None if p.is_file() else f"embedded model not built yet ({p} missing)"
+    from pathlib import Path
+
+    from .models import loading
+
+    if Path(name).is_dir():
+        return None
+    if name not in loading.PRESETS:
+        try:
+            loading._load_builtin_presets()  # registers the shipped presets
+        except Exception:  # noqa: BLE001 - an optional module
+            pass
+    if name not in loading.PRESETS:
+        return f"preset {name!r} not in segrl.models.loading.PRESETS"
+    try:
+        loading.PRESETS[name]()
+    except Exception as e:  # noqa: BLE001 - report any reason the preset cannot be built
+        return f"preset {name!r} unavailable: {e}"
+    return None
+
+
+def _encode(tok, prompt: str) -> list[int]:
+    try:
+        from .models.loading import encode_prompt
+
+        return encode_prompt(tok, prompt)
+    except ImportError:
+        return tok(prompt, add_special_tokens=True)["input_ids"]
+
+
+def _cfg(width: int, max_len: int, segment_length: int, max_depth: int, divergence: int, initial_width: int):
+    from .configs import SegrlConfig, TreePOConfig
+
+    cfg = SegrlConfig()
+    cfg.sampling.max_completion_length = max_len
+    cfg.train.num_generations = width
+    cfg.treepo = TreePOConfig(segment_length=segment_length, max_depth=max_depth, width=width, divergence=divergence, initial_width=initial_width)
+    return cfg
+
+
+def _run(engine, prompt_ids, rows, sampler: str, cfg, seed: int) -> dict:
+    from .samplers.group import sample_groups
+    from .samplers.treepo import TreePOSampler
+
+    engine.generator.manual_seed(seed)
+    engine.reset_stats()
+    trees = engine.new_trees(prompt_ids, rows)
+    t0 = time.perf_counter()
+    if sampler == "treepo":
+        TreePOSampler(cfg).grow(engine, trees)
+    else:
+        sample_groups(engine, trees, cfg.treepo.width, cfg.sampling.max_completion_length)
+    wall = time.perf_counter() - t0
+    st = engine.stats
+    leaves = sum(len(t.leaves()) for t in trees)
+    traj_tokens = sum(t.independent_equivalent_tokens() for t in trees)
+    return {
+        "leaves": leaves,
+        "decoded": st.decode_tokens,
+        "traj_tokens": traj_tokens,
+        "prefill": st.prefill_tokens,
+        "wall": wall,
+        "rounds": st.extend_calls,
+    }
+
+
+def bench_model(
+    name: str,
+    prompts: int = 32,
+    width: int = 8,
+    max_len: int = 64,
+    segment_length: int = 8,
+    max_depth: int = 8,
+    divergence: int = 2,
+    initial_width: int = 2,
+    repeats: int = 3,
+    max_batch_size: int = 512,
+    seed: int = 0,
+) -> dict:
+    from .engine.hf_engine import Engine, SamplingParams
+    from .tasks.arithmetic import make_arithmetic_task
+
+    model, tok = _load(name)
+    task = make_arithmetic_task(n_train=10, n_test=max(prompts, 10), seed=1234)
+    rows = list(task.test)[:prompts]
+    prompt_ids = [_encode(tok, r["prompt"]) for r in rows]
+    engine = Engine(model, tok, SamplingParams(1.0, 1.0, 0, tuple(task.stop_strings)), max_batch_size=max_batch_size, seed=seed)
+    cfg = _cfg(width, max_len, segment_length, max_depth, divergence, initial_width)
+    runs: dict[str, list[dict]] = {"independent": [], "treepo": []}
+    for s in ("independent", "treepo"):  # warm-up (not timed)
+        _run(engine, prompt_ids[: max(1, prompts // 4)], rows, s, cfg, seed)
+    for r in range(repeats):
+        for s in ("independent", "treepo") if r % 2 == 0 else ("treepo", "independent"):
+            runs[s].append(_run(engine, prompt_ids, rows, s, cfg, seed + 1 + r))
+    out = {"model": name, "prompts": prompts, "width": width, "max_len": max_len, "segment_length": segment_length, "max_depth": max_depth, "repeats": repeats}
+    for s, rs in runs.items():
+        med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+        med["traj_per_s"] = med["leaves"] / med["wall"]
+        med["decoded_per_s"] = med["decoded"] / med["wall"]
+        med["traj_tokens_per_s"] = med["traj_tokens"] / med["wall"]
+        med["walls"] = [x["wall"] for x in rs]
+        out[s] = med
+    ind, tr = out["independent"], out["treepo"]
+    tok_ratio = tr["decoded"] / ind["decoded"]
+    wall_ratio = tr["wall"] / ind["wall"]
+    out["decoded_ratio"] = tok_ratio
+    out["wall_ratio"] = wall_ratio
+    out["token_saving"] = 1 - tok_ratio
+    out["wall_saving"] = 1 - wall_ratio
+    out["saving_efficiency"] = (1 - wall_ratio) / (1 - tok_ratio) if tok_ratio < 1 else float("nan")
+    # per-token cost normalised by trajectory tokens (tree: fewer decoded tokens per delivered one)
+    out["traj_per_s_ratio"] = tr["traj_per_s"] / ind["traj_per_s"]
+    out["traj_tokens_per_s_ratio"] = tr["traj_tokens_per_s"] / ind["traj_tokens_per_s"]
+    return out
+
+
+def format_table(res: dict) -> str:
+    ind, tr = res["independent"], res["treepo"]
+    head = (
+        f"model={res['model']} prompts={res['prompts']} leaves/prompt={res['width']} max_len={res['max_len']} "
+        f"segment={res['segment_length']} depth={res['max_depth']} (median of {res['repeats']})"
+    )
+    cols = [
+        ("leaves", "{:.0f}", "leaves"),
+        ("decoded tokens", "{:.0f}", "decoded"),
+        ("trajectory tokens", "{:.0f}", "traj_tokens"),
+        ("prefill tokens", "{:.0f}", "prefill"),
+        ("engine rounds", "{:.0f}", "rounds"),
+        ("wall-clock s", "{:.2f}", "wall"),
+        ("trajectories/s", "{:.1f}", "traj_per_s"),
+        ("decoded tokens/s", "{:.0f}", "decoded_per_s"),
+        ("trajectory tokens/s", "{:.0f}", "traj_tokens_per_s"),
+    ]
+    lines = [head, f"{'':22s}{'independent':>14s}{'treepo':>14s}{'tree/indep':>12s}"]
+    for label, fmt, k in cols:
+        a, b = ind[k], tr[k]
+        ratio = f"{b / a:.3f}" if a else "-"
+        lines.append(f"{label:22s}{fmt.format(a):>14s}{fmt.format(b):>14s}{ratio:>12s}")
+    lines.append(
+        f"decoded-token saving {100 * res['token_saving']:.1f}%, wall-clock saving {100 * res['wall_saving']:.1f}% "
+        f"-> wall saving / token saving = {res['saving_efficiency']:.2f} (goal >= 0.80)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m segrl.bench_treepo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="default,smollm2-135m", help="comma-separated model names (unavailable ones are skipped)")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--width", type=int, default=8, help="leaves per prompt (both samplers)")
+    p.add_argument("--max-len", type=int, default=64, help="token budget per trajectory (both samplers)")
+    p.add_argument("--segment-length", type=int, default=8)
+    p.add_argument("--max-depth", type=int, default=0, help="default: ceil(max_len / segment_length)")
+    p.add_argument("--divergence", type=int, default=2)
+    p.add_argument("--initial-width", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-batch-size", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small-prompts", type=int, default=0, help="prompts for models other than 'default' (0 = --prompts // 4)")
+    p.add_argument("--small-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    results = []
+    for name in [m for m in a.models.split(",") if m]:
+        why = _available(name)
+        if why:
+            print(f"[skip] {name}: {why}\n")
+            continue
+        big = name != "default"
+        prompts = (a.small_prompts or max(1, a.prompts // 4)) if big else a.prompts
+        max_len = (a.small_max_len or a.max_len) if big else a.max_len
+        depth = a.max_depth or -(-max_len // a.segment_length)
+        res = bench_model(name, prompts, a.width, max_len, a.segment_length, depth, a.divergence, a.initial_width, a.repeats, a.max_batch_size, a.seed)
+        results.append(res)
+        print(format_table(res) + "\n", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
