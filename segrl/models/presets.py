@@ -83,9 +83,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path, name: str) -> Path:
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
     # The weights are now plain float32: the saved config must not claim GGUF quantization.
-    for obj in (model.config,):
-        if hasattr(obj, "quantization_config"):
-            delattr(obj, "quantization_config")
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
     model.config._name_or_path = name
     eos = tok.eos_token_id
     model.generation_config = GenerationConfig(
