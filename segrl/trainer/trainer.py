@@ -437,6 +437,11 @@ class Trainer:
             w.clear()
             w.extend(saved)
         self._saved_step = st["step"]
+        if getattr(self.logger, "tb", None) is not None:  # TensorBoard: drop events past the checkpoint
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.logger.tb.close()
+            self.logger.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=st["step"] + 1)
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         self.num_tokens, self.skipped_updates = st["num_tokens"], st["skipped_updates"]
         self.order = self._permutation(self.epoch)
