@@ -237,3 +237,67 @@ def test_no_code_paths_on_untrusted_input_in_the_package():
             assert "trust_remote_code=True" not in code, where
             if re.search(r"pickle\.loads?\(", code):
                 assert f.name == "combine.py", where
+
+
+# ----------------------------------------------------------------------------------------------
+# every algorithm resumes exactly (in-process: stopped by a signal after step 2, resumed)
+# ----------------------------------------------------------------------------------------------
+
+
+def length_reward(completions, **kw):
+    return [len(c) / 16.0 for c in completions]
+
+
+length_reward.segrl_inline = True
+
+
+def _trainer(model, out, algo):
+    from segrl.configs import load_config
+    from segrl.trainer.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        {
+            "model.name_or_path": str(model),
+            "train.algo": algo,
+            "train.max_steps": 4,
+            "train.prompts_per_step": 2,
+            "train.num_generations": 4,
+            "sampling.max_completion_length": 16,
+            "eval.num_problems": 2,
+            "eval.num_samples": 2,
+            "eval.eval_steps": 3,
+            "data.num_train": 32,
+            "log.save_steps": 3,
+            "log.report_to": "none",
+            "log.progress": False,
+        },
+    )
+    return Trainer(cfg, reward_funcs=[length_reward], run_dir=out)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "spo_chain", "spo_tree", "treepo"])
+def test_every_algorithm_resumes_exactly(tmp_path, algo, monkeypatch):
+    import signal
+
+    model = tiny_model_dir(tmp_path)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _trainer(model, ref, algo).train()
+
+    first = _trainer(model, run, algo)
+    step = first.train_step
+
+    def stop_after_2():
+        m = step()
+        if first.step == 2:
+            first._on_signal(signal.SIGTERM, None)
+        return m
+
+    monkeypatch.setattr(first, "train_step", stop_after_2)
+    assert first.train()["interrupted_at_step"] == 2
+    _trainer(model, run, algo).train(resume=True)
+
+    assert_metrics_equal(read_metrics(ref), read_metrics(run))
+    wa, wb = load_weights(ref / "final_model"), load_weights(run / "final_model")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
