@@ -119,6 +119,7 @@ class Trainer:
         )
         self.scorer = Scorer(task, list(reward_funcs or []), cfg.data, self.tokenizer)
         self.prompt_ids = self._tokenize_prompts(task.train)
+        self._check_test_prompts()
         t = cfg.train
         # forward/backward run through self.policy (DDP / FSDP2 under torchrun); the engine
         # samples with the unwrapped self.model
@@ -149,7 +150,7 @@ class Trainer:
         if too_long:
             # Tasks read from files say where each row came from (``row_sources``).
             i0 = too_long[0]
-            where = self._row_source(i0)
+            where = self._row_source(rows[i0], "train", i0)
             msg = (
                 f"{len(too_long)} prompt(s) longer than data.max_prompt_length={self.cfg.data.max_prompt_length} tokens "
                 f"(first: {where}, {len(ids[i0])} tokens)"
@@ -162,23 +163,39 @@ class Trainer:
             self._skip = set()
         return ids
 
-    def _row_source(self, i: int) -> str:
-        """Where train row ``i`` came from: ``FILE: row N`` for file tasks (error messages)."""
-        sources = getattr(self.task, "row_sources", None)
-        if sources:
-            return f"{sources[i][0]}: row {sources[i][1]}"
-        d = self.cfg.data
-        if d.task == "file" and isinstance(d.train_file, str):
-            try:  # error path only: read the file again with row numbers as ids
-                from ..tasks.math_datasets import load_rows
+    def _check_test_prompts(self) -> None:
+        """Held-out prompts over ``data.max_prompt_length`` are bad rows too (dropped with
+        ``skip_bad_rows``, else the run stops naming the first one)."""
+        limit = self.cfg.data.max_prompt_length
+        test = list(self.task.test)
+        too_long = [i for i, r in enumerate(test) if len(encode_prompt(self.tokenizer, r["prompt"])) > limit]
+        if not too_long:
+            return
+        msg = f"{len(too_long)} held-out prompt(s) longer than data.max_prompt_length={limit} tokens (first: {self._row_source(test[too_long[0]], 'test', too_long[0])})"
+        if not self.cfg.data.skip_bad_rows:
+            raise TrainingError(msg + "; raise the limit or pass --skip-bad-rows")
+        self.console.print(f"[yellow]skipping {msg}[/yellow]")
+        drop = set(too_long)
+        self.task.test = [r for i, r in enumerate(test) if i not in drop]
 
-                again = load_rows(d.train_file, d.prompt_column, d.answer_column, skip_bad_rows=True, id_column="\0row")
-                for r in again.rows:
-                    if r["prompt"] == self.task.train[i]["prompt"]:
-                        return f"{d.train_file}: row {r['id']}"
-            except Exception:  # noqa: BLE001 - the message is a courtesy
-                pass
-        return f"train row {i + 1}"
+    def _row_source(self, row: dict, split: str, i: int) -> str:
+        """Where a row came from: ``FILE: row N`` for file tasks (error messages only)."""
+        d = self.cfg.data
+        files = [d.test_file] if split == "test" and d.test_file else [d.train_file]
+        if d.task == "file":
+            for f in files:
+                if not isinstance(f, str):
+                    continue
+                try:  # read the file again with row numbers as ids
+                    from ..tasks.math_datasets import load_rows
+
+                    again = load_rows(f, d.prompt_column, d.answer_column, skip_bad_rows=True, id_column="\0row")
+                    for r in again.rows:
+                        if r["prompt"] == row["prompt"]:
+                            return f"{f}: row {r['id']}"
+                except Exception:  # noqa: BLE001 - the message is a courtesy
+                    pass
+        return f"{split} row {i + 1}"
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + epoch)
