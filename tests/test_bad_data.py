@@ -87,7 +87,8 @@ def test_skip_bad_rows_skips_counts_and_trains(tmp_path, capsys, caplog):
     assert rc == 0
     assert f"skipped 4 malformed row(s) in {f}" in caplog.text
     out = capsys.readouterr().out.replace("\n", " ")
-    assert "skipping" in out and "longer than data.max_prompt_length=40" in out
+    assert "skipping" in out and "prompt(s) longer than data.max_prompt_length=40" in out
+    assert "held-out prompt(s) longer than data.max_prompt_length=40" in out  # test rows too
     steps = step_lines(tmp_path / "run")
     assert [m["step"] for m in steps] == [1, 2]
     for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines():
