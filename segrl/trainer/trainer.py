@@ -103,8 +103,14 @@ class Trainer:
         self.run_dir = Path(run_dir or cfg.log.output_dir or f"runs/{cfg.train.algo}-{stamp}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        main = self.dist.is_main  # other ranks log to run_dir/rankN
-        self.logger = MetricsLogger(self.run_dir if main else self.run_dir / f"rank{self.dist.rank}", cfg.log.report_to if main else [], console)
+        main = self.dist.is_main  # other ranks log to run_dir/rankN, quietly
+        log_dir = self.run_dir if main else self.run_dir / f"rank{self.dist.rank}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if not main and console is None:
+            from rich.console import Console
+
+            console = Console(quiet=True)
+        self.logger = MetricsLogger(log_dir, cfg.log.report_to if main else [], console)
         self.console = self.logger.console
         self.algorithm = get_algorithm(cfg.train.algo)(cfg)
         self.algorithm.new_trees = self.new_trees  # dynamic sampling tops batches up with it
