@@ -244,6 +244,8 @@ def _forward_logprobs(model, tree, node):
         dict(width=8, divergence_policy="low_prob", divergence_score="path_mean"),
         dict(width=5, divergence_policy="high_prob", divergence_max=4, fallback_trajectory_policy="finished_first"),
         dict(width=7, max_depth=2, fallback_trajectory_policy="random_all", fallback_cut_policy="lowest_prob"),
+        dict(width=8, saturated_fast_path=False),
+        dict(width=6, initial_width=6),  # saturated from the start: decoded to the end at once
     ],
 )
 def test_width_invariant_and_exact_leaves(model, tp):
@@ -269,6 +271,10 @@ def test_width_invariant_and_exact_leaves(model, tp):
     assert m["tree/decoded_tokens"] <= m["tree/independent_equivalent_tokens"]
     assert m["tree/leaves"] == W
     assert sum(v for k, v in m.items() if k.startswith("tree/finish_reason/")) == pytest.approx(1.0)
+    for t in trees:  # segments are nodes of at most segment_length tokens
+        assert all(0 < len(t[i].token_ids) <= tp["segment_length"] for i in range(1, len(t)))
+        for l in t.leaves():
+            assert _forward_logprobs(model, t, l) == pytest.approx(t.path_logprobs(l), abs=2e-4)
 
 
 def test_fallback_regrows_from_kept_prefix(model):
@@ -465,3 +471,39 @@ def test_grpo_with_treepo_sampling(model):
     assert m["tree/leaves"] == 4
     samples, _ = algo.samples(trees)
     assert len(samples) == 8
+
+
+def test_saturated_fast_path_cuts_into_segments_and_stops_mid():
+    """Once in-flight + finished = width, the rest of each path is decoded in one call and cut
+    into segment nodes; a segment-level early stop (repetition) still cuts the path there."""
+    rep = "a" * 16  # with repetition_substring=1, count=3: a segment "aaaa" is mumbling
+
+    def script(tree, node, j, lim):
+        if lim > 4:  # a whole rest-of-path request
+            text = "xyzw" + "qrst" + rep  # segment 3 is repetitive
+            return text[:lim], "segment"
+        return "cdef"[:lim], "segment"
+
+    cfg = make_cfg(max_len=32, segment_length=4, max_depth=8, width=4, repetition_substring=1, repetition_count=3)
+    eng = ScriptEngine(script)
+    tree = RolloutTree([1, 3])
+    s = TreePOSampler(cfg)
+    s.grow(eng, [tree])
+    # round 1: 2 paths; round 2 grows 4 children = width: saturated, so they go to the end
+    assert [c[2] for c in eng.calls[1]] == [2, 2]
+    assert len(eng.calls) == 2
+    assert all(len(tree[i].token_ids) == 4 for i in range(1, len(tree)))
+    leaves = tree.leaves()
+    assert len(leaves) == 4
+    for l in leaves:
+        assert tree[l].finish_reason == FinishReason.REPETITION
+        assert tree[l].depth == 4  # cdef + xyzw, qrst, aaaa (cut there)
+        assert TOK.decode(tree.path_token_ids(l, include_prompt=False)).endswith("xyzwqrstaaaa")
+    # with the fast path off: one segment per round, same tree shape
+    eng2 = ScriptEngine(lambda t, n, j, lim: (["xyzw", "qrst", "aaaa"][t[n].depth - 1] if t[n].depth >= 1 else "cdef", "segment"))
+    tree2 = RolloutTree([1, 3])
+    cfg.treepo.saturated_fast_path = False
+    TreePOSampler(cfg).grow(eng2, [tree2])
+    assert len(eng2.calls) == 4
+    assert sorted(tree2[l].depth for l in tree2.leaves()) == [4] * 4
+    assert all(tree2[l].finish_reason == FinishReason.REPETITION for l in tree2.leaves())

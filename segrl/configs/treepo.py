@@ -56,6 +56,7 @@ class TreePOConfig:
     budget_mode: str = option("leaves", help="'leaves': exactly width leaves per prompt (code by_response_traj); 'tokens': the leaf count is token_budget / mean finished-leaf length, clamped to [min_width, width] and re-estimated every round (code by_response_token; leaf counts then vary per prompt).", choices=("leaves", "tokens"))
     token_budget: int = option(0, help="Per-prompt budget of trajectory (response) tokens for budget_mode=tokens.")
     min_width: int = option(2, help="Fewest leaves per prompt in budget_mode=tokens (code: tree_min_width).")
+    saturated_fast_path: bool = option(True, help="Once a prompt's tree is saturated (in-flight + finished = width, budget_mode=leaves) no branching or fallback can happen any more, so its open paths are decoded to the end in that round's single engine call and cut into segment nodes afterwards, with the same early-stop rules applied segment by segment. Same trees in distribution, fewer rounds, no KV re-stacking. Off: one segment per round throughout, as in the released code.")
     max_rounds: int = option(0, help="Safety cap on engine rounds per sampling call (0 = max_depth * (width + 1), never reached in practice).")
     # ----- advantages ----------------------------------------------------------------------
     advantage_aggregation: str = option("average", help="Combine a leaf's sub-group advantages R - mean(R over G_j): 'average' (paper Eq. 5, script, best in the ablation) or 'size' (weighted by |G_j|, Eq. 6; code default).", choices=("average", "size"))

@@ -231,19 +231,24 @@ class TreePOSampler:
         tp = self.tp
         refs, lims, kids, meta = [], [], [], []
         for s in states:
+            to_end = self._saturated(s)
             for node, k in s.pending.items():
                 room = self.max_len - s.tree.completion_len(node)
+                if to_end:  # the rest of the path in this call (cut into segments below)
+                    room = min(room, (tp.max_depth - s.tree[node].depth) * tp.segment_length)
                 refs.append((s.tree, node))
-                lims.append(max(1, min(tp.segment_length, room)))
+                lims.append(max(1, room if to_end else min(tp.segment_length, room)))
                 kids.append(k)
-                meta.append((s, node in s.fallback_nodes))
+                meta.append((s, node in s.fallback_nodes, to_end))
         out = engine.extend(refs, lims, kids) if refs else []  # ONE batched call per round
         for s in states:
             s.pending, s.active, s.new_finished, s.fallback_nodes = {}, [], 0, set()
-        for (s, from_fallback), children in zip(meta, out):
+        for (s, from_fallback, to_end), children in zip(meta, out):
             for tree, c in children:
                 if from_fallback:
                     tree[c].info["fallback"] = True
+                if to_end:
+                    c = self._cut_into_segments(tree, c)
                 reason = self._classify(tree, c)
                 if reason is None:
                     s.active.append(c)
@@ -264,6 +269,62 @@ class TreePOSampler:
             elif tp.fallback and len(s.finished) < w:
                 self._fallback(s, w, g)
 
+    def _saturated(self, s: _Prompt) -> bool:
+        """True when no branching or fallback can happen any more for this prompt.
+
+        With a fixed width, once in-flight + finished = width every later branch budget is
+        ``min(width - finished, ...) = active`` (one child each), and the in-flight paths end
+        as exactly the missing leaves, so the fallback never triggers either.
+        """
+        return (
+            self.tp.saturated_fast_path
+            and self.budget_mode == "leaves"
+            and s.in_flight() + len(s.finished) == s.width
+        )
+
+    def _cut_into_segments(self, tree: RolloutTree, c: int) -> int:
+        """Turn node ``c`` (a whole rest-of-path decoded in one call) into a chain of
+        segment_length nodes, applying the early-stop rules that can fire on a segment that is
+        not the last one (answer under answer_as_eos, repetition) in early_stop_order: the
+        path is cut after the first segment where one fires. Returns the last segment node
+        (the caller classifies it like any new segment)."""
+        L = self.tp.segment_length
+        n = len(tree[c].token_ids)
+        if n <= L:
+            return c
+        mid_rules = [r for r in self.order if r == "repetition" or (r == "answer" and self.tp.answer_policy == "answer_as_eos")]
+        stop_at, reason = None, None
+        if mid_rules:
+            before = tree.path_token_ids(tree[c].parent, include_prompt=False)
+            ids = tree[c].token_ids
+            for end in range(L, n, L):  # ends of the non-final segments
+                for rule in mid_rules:
+                    if rule == "answer" and self.answer_re.search(self._decode(before + ids[:end])):
+                        reason = FinishReason.ANSWER
+                    elif rule == "repetition" and has_repetition(
+                        self._decode(ids[end - L : end]), self.tp.repetition_substring, self.tp.repetition_count
+                    ):
+                        reason = FinishReason.REPETITION
+                    if reason is not None:
+                        break
+                if reason is not None:
+                    stop_at = end
+                    break
+        node = tree[c]
+        if stop_at is not None:  # the tokens after the stopping segment are discarded
+            node.token_ids = node.token_ids[:stop_at]
+            node.logprobs = node.logprobs[:stop_at]
+            tree.kv.pop(c, None)
+            n = stop_at
+        last = c
+        for _ in range((n - 1) // L):
+            last = tree.split(last, L)
+            tree[last].info.pop("fallback", None)  # only the first segment is regrown from a cut
+        if stop_at is not None:
+            tree[last].finish_reason = reason
+            tree[last].info["stopped_mid"] = True
+        return last
+
     def _abort(self, states: list[_Prompt]) -> None:
         """Safety cap reached (should not happen): close open paths as depth-truncated."""
         for s in states:
@@ -281,6 +342,8 @@ class TreePOSampler:
         """The finish reason of new segment ``c`` (first rule of early_stop_order that fires),
         or None if the path stays active."""
         node = tree[c]
+        if node.info.pop("stopped_mid", False):  # decided by _cut_into_segments
+            return node.finish_reason
         ended = node.finish_reason in (FinishReason.EOS, FinishReason.STOP)
         for rule in self.order:
             if rule == "answer":
