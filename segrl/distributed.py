@@ -208,6 +208,14 @@ def wrap_policy(model, info: DistInfo, device: str):
         for layer in _decoder_layers(model):
             fully_shard(layer)
         fully_shard(mod)
+        # FSDP2 initialises lazily from the first module that runs forward, which must be the
+        # root: run one tiny forward through it now (the engine later calls the layers directly).
+        dev = next(model.parameters()).device
+        ids = torch.zeros(1, 2, dtype=torch.long, device=dev if dev.type != "meta" else "cpu")
+        with torch.no_grad():
+            mod(ids, torch.ones_like(ids), 1)
+        for m in _fsdp_modules(mod):  # the root stays gathered after a forward: put the
+            m.reshard()  # sharded parameters back before the optimizer collects them
         return mod
     raise ValueError(f"distributed.strategy must be ddp or fsdp, got {info.strategy!r}")
 
@@ -230,12 +238,29 @@ def grad_sync(module, enabled: bool):
     return contextlib.nullcontext()
 
 
+def _fsdp_modules(module) -> list:
+    return [m for m in module.modules() if is_fsdp(m)] if is_fsdp(module) else []
+
+
+def unshard_for_export(module) -> None:
+    """Under FSDP2: gather the full weights on every rank for good (end of training: the
+    final evaluation and ``save_pretrained`` then see plain tensors). Collective; no-op
+    otherwise."""
+    fs = _fsdp_modules(module)
+    for m in fs:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    if fs:
+        module._segrl_exported = True
+
+
 @contextlib.contextmanager
 def gathered_for_rollout(module):
     """Under FSDP2: gather every sharded parameter for the duration (the engine then decodes
-    with plain tensors and no collectives) and reshard afterwards. No-op otherwise."""
-    fs = [m for m in module.modules() if is_fsdp(m)] if is_fsdp(module) else []
-    if not fs:
+    with plain tensors and no collectives) and reshard afterwards. Collective (every rank
+    must enter it); no-op otherwise."""
+    fs = _fsdp_modules(module)
+    if not fs or getattr(module, "_segrl_exported", False):
         yield
         return
     for m in fs:
@@ -249,3 +274,33 @@ def gathered_for_rollout(module):
         for m in fs:
             m.set_reshard_after_forward(True)
             m.reshard()
+
+
+class _ExportView:
+    """A causal LM whose ``save_pretrained`` writes a given full state dict: FSDP2 modules
+    return sharded DTensors from ``state_dict()``, which safetensors cannot write."""
+
+    def __init__(self, model, state_dict):
+        self.__dict__["_m"] = model
+        self.__dict__["_sd"] = state_dict
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+    def __call__(self, *args, **kw):
+        return self._m(*args, **kw)
+
+    def save_pretrained(self, path, *args, **kw):
+        kw.setdefault("state_dict", self._sd)
+        return self._m.save_pretrained(path, *args, **kw)
+
+
+def export_view(model, policy):
+    """``model`` itself, or under FSDP2 a view of it whose ``save_pretrained`` writes the full
+    weights (gathered to CPU on rank 0 here: collective, every rank must call it)."""
+    if not _fsdp_modules(policy):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _ExportView(model, {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()})

@@ -115,9 +115,13 @@ def _run_two(model_dir, out, strategy="ddp", **extra):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("extra", [{}, {"train.loss_type": "grpo", "train.num_iterations": "2", "train.max_grad_norm": "0.5"}], ids=["dapo", "grpo-2iters-clip"])
-def test_two_gloo_processes_equal_one_process(model_dir, tmp_path, extra):
-    ranks = _run_two(model_dir, tmp_path, **extra)
+@pytest.mark.parametrize(
+    "strategy,extra",
+    [("ddp", {}), ("ddp", {"train.loss_type": "grpo", "train.num_iterations": "2", "train.max_grad_norm": "0.5"}), ("fsdp", {})],
+    ids=["ddp-dapo", "ddp-grpo-2iters-clip", "fsdp2-dapo"],
+)
+def test_two_gloo_processes_equal_one_process(model_dir, tmp_path, strategy, extra):
+    ranks = _run_two(model_dir, tmp_path, strategy, **extra)
     tr, m1 = _single(model_dir, tmp_path / "single", **extra)
     w1 = _weights(tr.model)
     w0 = ranks[0]["weights"]
@@ -160,3 +164,31 @@ def test_single_process_helpers_are_noops():
 
     m = torch.tensor([1, 1, 0])
     assert torch.allclose(D.global_masked_whiten(x, m), masked_whiten(x, m), atol=1e-6)
+
+
+def _train_worker(rank, world, port, model_dir, out_dir, strategy):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from segrl.trainer.trainer import Trainer
+
+    cfg = _cfg(model_dir, Path(out_dir) / "run", strategy, **{
+        "train.max_steps": "2", "train.prompts_per_step": "2", "train.num_generations": "2",
+        "sampling.max_completion_length": "6", "eval.num_problems": "4", "eval.num_samples": "1", "log.save_steps": "1",
+    })
+    Trainer(cfg).train()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_training_run_writes_one_run_directory(model_dir, tmp_path, strategy):
+    """A whole (tiny) run under 2 gloo processes: rollouts per rank, evaluation, checkpoints
+    and the final model written by rank 0 (FSDP2: gathered full weights), rank 1 logs apart."""
+    mp.spawn(_train_worker, args=(2, _free_port(), str(model_dir), str(tmp_path), strategy), nprocs=2, join=True)
+    run = tmp_path / "run"
+    assert (run / "final_model" / "model.safetensors").exists() and (run / "summary.json").exists()
+    assert (run / "rank1" / "metrics.jsonl").exists() and (run / "rollouts.rank1.jsonl").exists()
+    assert len(list((run / "checkpoints").glob("*"))) >= 1
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(run / "final_model")
+    assert m.config.num_hidden_layers == 2  # full (not sharded) weights

@@ -39,7 +39,7 @@ def build_tokenizer():
     return hf
 
 
-def build_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64):
+def build_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -48,8 +48,8 @@ def build_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: in
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=1,
         eos_token_id=2,
@@ -58,11 +58,11 @@ def build_tiny_model(vocab_size: int, seed: int = 0, layers: int = 2, hidden: in
     return LlamaForCausalLM(cfg)
 
 
-def save_tiny_hf(path: str | Path, seed: int = 0) -> Path:
+def save_tiny_hf(path: str | Path, seed: int = 0, **model_kw) -> Path:
     """Write a tiny causal LM (safetensors + tokenizer with chat template) to ``path``."""
     path = Path(path)
     tok = build_tokenizer()
-    model = build_tiny_model(len(tok), seed)
+    model = build_tiny_model(len(tok), seed, **model_kw)
     model.generation_config.eos_token_id = None  # the loader fills it in from the tokenizer
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)

@@ -370,19 +370,20 @@ class Trainer:
             from ..samplers.treepo import TreePOSampler
 
             sampler = TreePOSampler(self.cfg).eval_sampler(e.num_samples)
-        return evaluate(
-            self.model,
-            self.tokenizer,
-            self.task,
-            num_problems=e.num_problems,
-            k=e.num_samples,
-            temperature=temp,
-            max_new_tokens=self.cfg.sampling.max_completion_length,
-            top_p=self.cfg.sampling.top_p,
-            seed=self.cfg.train.seed + 7919,
-            max_batch_size=self.cfg.sampling.max_batch_size,
-            sampler=sampler,
-        )
+        with segrl_dist.gathered_for_rollout(self.policy):  # FSDP2: full weights for sampling
+            return evaluate(
+                self.model,
+                self.tokenizer,
+                self.task,
+                num_problems=e.num_problems,
+                k=e.num_samples,
+                temperature=temp,
+                max_new_tokens=self.cfg.sampling.max_completion_length,
+                top_p=self.cfg.sampling.top_p,
+                seed=self.cfg.train.seed + 7919,
+                max_batch_size=self.cfg.sampling.max_batch_size,
+                sampler=sampler,
+            )
 
     # ----- checkpoints -----------------------------------------------------------------
     def _state(self, extra: dict) -> dict:
@@ -409,10 +410,16 @@ class Trainer:
         if self.dist.enabled:  # torchrun: rank 0 writes (the replicas are identical), the others wait
             d, self.dist = self.dist, dataclasses.replace(self.dist, world_size=1)
             try:
-                path = self.save(extra) if d.is_main else None
+                with segrl_dist.gathered_for_rollout(self.policy):  # FSDP2: every rank gathers
+                    m, self.model = self.model, segrl_dist.export_view(self.model, self.policy)
+                    try:
+                        path = self.save(extra) if d.is_main else None
+                    finally:
+                        self.model = m
             finally:
                 self.dist = d
             segrl_dist.barrier()
+            self._saved_step = self.step
             return path
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # never let a NaN/inf reach saved weights
@@ -432,6 +439,8 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> dict:
         """Restore the newest intact checkpoint of this run (or ``path``)."""
+        if self.dist.enabled and self.dist.strategy == "fsdp":
+            raise TrainingError("resuming a multi-process FSDP2 run is not supported yet (its optimizer state is sharded); use distributed.strategy=ddp")
         root = self.run_dir / "checkpoints"
         if path is None:
             ckpt.remove_partial(root, log=self.console.print)
@@ -544,6 +553,8 @@ class Trainer:
         finally:
             if progress:
                 progress.stop()
+        self.model = segrl_dist.export_view(self.model, self.policy)  # FSDP2: a full copy for the final save
+        segrl_dist.unshard_for_export(self.policy)  # FSDP2: full weights from here on (final eval)
         if e.eval_after and "after" not in summary:
             res = self.evaluate()
             summary["after"] = res.as_metrics("")
