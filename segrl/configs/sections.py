@@ -61,6 +61,7 @@ class SamplingConfig:
     max_completion_length: int = option(64, help="Max generated tokens per trajectory (TRL's max_completion_length).")
     stop_strings: list[str] = option([], help="Extra strings that end a completion (the task may add its own).")
     max_batch_size: int = option(512, help="Rows decoded together by the engine.")
+    backend: str = option("hf", help="Rollout engine: hf (transformers, prefix KV forks) or vllm (segrl.engine.vllm_engine: vLLM with prefix caching, weights synced after every update; needs vllm installed).", choices=("hf", "vllm"))
 
     def __post_init__(self):
         check(self.temperature > 0, "sampling.temperature", "must be > 0 for training")

@@ -29,11 +29,11 @@ Same results as the HF engine
 
 Weight sync
     After each optimizer step the trainer calls :meth:`VLLMEngine.sync_weights(model)`:
-    the policy's weights (LoRA adapters merged in) are loaded into the vLLM model in place
-    with the model's own ``load_weights`` and the prefix cache is reset (cached KV was
-    computed with the old weights). This uses ``LLM.collective_rpc``/``apply_model``
-    in-process, so create the engine with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (done here
-    unless set).
+    the policy's weights (LoRA adapters merged in) are reloaded into the vLLM model in place
+    (the worker's ``reload_weights``, through ``LLM.collective_rpc``) and the prefix cache is
+    reset (cached KV was computed with the old weights). The tensors are passed in-process,
+    so create the ``LLM`` with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (done here when the engine
+    builds it).
 """
 
 from __future__ import annotations
@@ -150,10 +150,12 @@ class VLLMEngine:
         """Load the trainer's current weights into vLLM and drop its prefix cache. Returns the
         number of tensors sent."""
         weights = [(n, t.to("cpu") if t.device.type != "cpu" else t) for n, t in hf_weights_for_vllm(model)]
-        if hasattr(self.llm, "apply_model"):
+        try:
+            # vLLM >= 0.1x: in-place reload that also redoes the backend's post-load weight
+            # processing (the CPU backend repacks linear weights after loading)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        except (AttributeError, NotImplementedError, TypeError):  # pragma: no cover - older vLLM
             self.llm.apply_model(lambda m: m.load_weights(weights))
-        else:  # pragma: no cover - older vLLM
-            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
         self.llm.reset_prefix_cache()
         return len(weights)
 
@@ -202,17 +204,19 @@ class VLLMEngine:
         todo = [i for i in range(n) if kids[i] > 0 and lims[i] > 0]
         if not todo:
             return out
-        prompts = [TokensPrompt(prompt_token_ids=refs[i][0].path_token_ids(refs[i][1])) for i in todo]
-        sps = [self._vllm_params(kids[i], lims[i]) for i in todo]
+        # One request per ref with n = its children; vLLM refuses n > 1 for greedy decoding,
+        # so greedy children are separate n=1 requests (identical prompts: prefix-cached).
+        greedy = self.params.temperature <= 0
+        reqs = [(i, 1) for i in todo for _ in range(kids[i])] if greedy else [(i, kids[i]) for i in todo]
+        prompts = [TokensPrompt(prompt_token_ids=refs[i][0].path_token_ids(refs[i][1])) for i, _ in reqs]
+        sps = [self._vllm_params(k, lims[i]) for i, k in reqs]
         results = self.llm.generate(prompts, sps, use_tqdm=False)
-        for i, res in zip(todo, results):
+        for (i, _), res in zip(reqs, results):
             tree, node = refs[i]
-            plen = tree.path_len(node)
             cached = int(getattr(res, "num_cached_tokens", 0) or 0)
-            self.stats.prefill_tokens += max(plen - cached, 0)
+            self.stats.prefill_tokens += max(tree.path_len(node) - cached, 0)
             self.stats.forward_calls += 1
-            comps = sorted(res.outputs, key=lambda c: c.index)
-            for c in comps:
+            for c in sorted(res.outputs, key=lambda c: c.index):
                 toks = list(c.token_ids)
                 lps = _token_logprobs(c, toks)
                 reason = self._reason(c, toks, lims[i])
@@ -239,3 +243,21 @@ def _token_logprobs(c, toks: list[int]) -> list[float]:
         lp = d.get(t) if hasattr(d, "get") else None
         out.append(float(lp.logprob) if lp is not None else float("nan"))
     return out
+
+
+def vllm_engine_for(cfg):
+    """An engine factory with :class:`~segrl.engine.hf_engine.Engine`'s constructor signature
+    ``(model, tokenizer, params, max_batch_size, seed)`` that builds a :class:`VLLMEngine` on
+    the run's model directory (``model.name_or_path`` resolved) with the run's dtype. Used by
+    the trainer for ``sampling.backend=vllm``; the policy's current weights are pushed into
+    vLLM right away, so a resumed or LoRA run samples from the right policy."""
+
+    def make(model, tokenizer, params, max_batch_size=512, seed=0):
+        from ..models.loading import resolve_model_path
+
+        dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
+        eng = VLLMEngine(resolve_model_path(cfg.model.name_or_path), tokenizer, params, max_batch_size, seed, dtype=dtype)
+        eng.sync_weights(model)
+        return eng
+
+    return make

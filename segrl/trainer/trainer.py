@@ -116,7 +116,12 @@ class Trainer:
         self.algorithm.new_trees = self.new_trees  # dynamic sampling tops batches up with it
         self._group_counter = 0
         stops = tuple(cfg.sampling.stop_strings) + tuple(task.stop_strings)
-        self.engine = Engine(
+        engine_cls = Engine
+        if cfg.sampling.backend == "vllm":  # same interface; weights synced after each update
+            from ..engine.vllm_engine import vllm_engine_for
+
+            engine_cls = vllm_engine_for(cfg)
+        self.engine = engine_cls(
             self.model,
             self.tokenizer,
             SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, stops),
@@ -597,6 +602,8 @@ class Trainer:
         maybe_kill("after_rollout", self.step + 1)
         if samples or self.dist.enabled:
             metrics.update(self.optimize(samples))
+            if hasattr(self.engine, "sync_weights"):  # vLLM backend: sample with the new weights
+                self.engine.sync_weights(self.model)
         t2 = time.perf_counter()
         self.step += 1
         metrics.update({"timing/rollout": t1 - t0, "timing/train": t2 - t1, "step_time": t2 - t0, "epoch": float(self.epoch)})
