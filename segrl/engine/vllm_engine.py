@@ -256,7 +256,9 @@ def vllm_engine_for(cfg):
         from ..models.loading import resolve_model_path
 
         dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
-        eng = VLLMEngine(resolve_model_path(cfg.model.name_or_path), tokenizer, params, max_batch_size, seed, dtype=dtype)
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # as the HF engine
+        eos = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eng = VLLMEngine(resolve_model_path(cfg.model.name_or_path), tokenizer, params, max_batch_size, seed, eos, dtype=dtype)
         eng.sync_weights(model)
         return eng
 
