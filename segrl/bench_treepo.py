@@ -124,12 +124,20 @@ def bench_model(
     repeats: int = 3,
     max_batch_size: int = 512,
     seed: int = 0,
+    task_name: str = "arithmetic",
 ) -> dict:
     from .engine.hf_engine import Engine, SamplingParams
-    from .tasks.arithmetic import make_arithmetic_task
 
     model, tok = _load(name)
-    task = make_arithmetic_task(n_train=10, n_test=max(prompts, 10), seed=1234)
+    if task_name == "arithmetic":
+        from .tasks.arithmetic import make_arithmetic_task
+
+        task = make_arithmetic_task(n_train=10, n_test=max(prompts, 10), seed=1234)
+    else:
+        from .configs import DataConfig
+        from .tasks.registry import load_task
+
+        task = load_task(DataConfig(task=task_name))
     rows = list(task.test)[:prompts]
     prompt_ids = [_encode(tok, r["prompt"]) for r in rows]
     engine = Engine(model, tok, SamplingParams(1.0, 1.0, 0, tuple(task.stop_strings)), max_batch_size=max_batch_size, seed=seed)
@@ -140,7 +148,7 @@ def bench_model(
     for r in range(repeats):
         for s in ("independent", "treepo") if r % 2 == 0 else ("treepo", "independent"):
             runs[s].append(_run(engine, prompt_ids, rows, s, cfg, seed + 1 + r))
-    out = {"model": name, "prompts": prompts, "width": width, "max_len": max_len, "segment_length": segment_length, "max_depth": max_depth, "repeats": repeats}
+    out = {"model": name, "task": task_name, "prompts": prompts, "width": width, "max_len": max_len, "segment_length": segment_length, "max_depth": max_depth, "repeats": repeats}
     for s, rs in runs.items():
         med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
         med["traj_per_s"] = med["leaves"] / med["wall"]
@@ -167,7 +175,7 @@ def bench_model(
 def format_table(res: dict) -> str:
     ind, tr = res["independent"], res["treepo"]
     head = (
-        f"model={res['model']} prompts={res['prompts']} leaves/prompt={res['width']} max_len={res['max_len']} "
+        f"model={res['model']} task={res['task']} prompts={res['prompts']} leaves/prompt={res['width']} max_len={res['max_len']} "
         f"segment={res['segment_length']} depth={res['max_depth']} (median of {res['repeats']})"
     )
     cols = [
@@ -209,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--small-prompts", type=int, default=0, help="prompts for models other than 'default' (0 = --prompts // 4)")
-    p.add_argument("--small-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
+    p.add_argument("--other-prompts", type=int, default=0, help="prompts for models other than 'default' (0 = --prompts // 4)")
+    p.add_argument("--other-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
+    p.add_argument("--other-task", default="gsm8k", help="prompts for models other than 'default' (the embedded model always uses arithmetic)")
+    p.add_argument("--other-segment-length", type=int, default=0, help="segment length for models other than 'default' (0 = --segment-length)")
+    p.add_argument("--other-repeats", type=int, default=0, help="repeats for models other than 'default' (0 = --repeats)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     import torch
@@ -223,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[skip] {name}: {why}\n")
             continue
         big = name != "default"
-        prompts = (a.small_prompts or max(1, a.prompts // 4)) if big else a.prompts
-        max_len = (a.small_max_len or a.max_len) if big else a.max_len
-        depth = a.max_depth or -(-max_len // a.segment_length)
-        res = bench_model(name, prompts, a.width, max_len, a.segment_length, depth, a.divergence, a.initial_width, a.repeats, a.max_batch_size, a.seed)
+        prompts = (a.other_prompts or max(1, a.prompts // 4)) if big else a.prompts
+        max_len = (a.other_max_len or a.max_len) if big else a.max_len
+        seg = (a.other_segment_length or a.segment_length) if big else a.segment_length
+        depth = a.max_depth or -(-max_len // seg)
+        repeats = (a.other_repeats or a.repeats) if big else a.repeats
+        task = a.other_task if big else "arithmetic"
+        res = bench_model(name, prompts, a.width, max_len, seg, depth, a.divergence, a.initial_width, repeats, a.max_batch_size, a.seed, task)
         results.append(res)
         print(format_table(res) + "\n", flush=True)
     if a.json:

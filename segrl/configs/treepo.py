@@ -68,7 +68,7 @@ class TreePOConfig:
     # ----- dynamic sampling ----------------------------------------------------------------
     dynamic_sampling: bool = option(True, help="DAPO dynamic sampling: drop prompts whose leaves all have the same raw correctness (info['correct'], not the shaped reward) and top the batch up with more prompts.")
     max_extra_rounds: int = option(2, help="Extra generation rounds dynamic sampling may run per step (paper: 'at most two additional samplings'; script: max_num_gen_batches = 10).")
-    oversample: float = option(3.0, help="An extra round asks for missing / keep_rate prompts (keep_rate observed so far in the step), at most oversample x missing (DAPO/script: generation batch = 3 x train batch).")
+    oversample: float = option(3.0, help="Cap on generation-batch size, in units of prompts_per_step (DAPO/script: generation batch = 3 x train batch). The first round samples prompts_per_step x 1.1 / (running keep rate) prompts (prompts_per_step on the first step); an extra round asks for missing / keep_rate, at most oversample x missing.")
     # ----- evaluation ------------------------------------------------------------------------
     eval_divergence: int | None = option(None, help="Divergence for tree-sampled evaluation (eval.rollout=treepo; paper Table 2 varies it over 2, 4, 8). Default: divergence.")
 

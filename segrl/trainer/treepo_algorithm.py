@@ -49,6 +49,8 @@ class TreePO(Algorithm):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.sampler = TreePOSampler(cfg)  # validates the cross-section settings up front
+        #: running keep rate of dynamic sampling (sizes the first generation round)
+        self.keep_rate: float | None = None
 
     # ----- rollout with dynamic sampling -------------------------------------------------
     def rollout(self, engine, trees, scorer):
@@ -57,6 +59,12 @@ class TreePO(Algorithm):
         sampled, kept = [], []
         calls: list[tuple[dict, int]] = []
         batch, extra = list(trees), 0
+        if tp.dynamic_sampling and self.keep_rate is not None:
+            # DAPO samples a larger generation batch up front (3x in the script); here its size
+            # follows the observed keep rate, so that one round usually suffices.
+            want = min(math.ceil(tp.oversample * target), math.ceil(1.1 * target / max(self.keep_rate, 1e-3)))
+            if want > target:
+                batch += self.new_trees(want - target)
         while True:
             m = self.sampler.sample(engine, batch, scorer)
             calls.append((m, sum(len(t.leaves(include_mc=False)) for t in batch)))
@@ -74,6 +82,9 @@ class TreePO(Algorithm):
             batch = self.new_trees(max(n, missing))
             extra += 1
         kept = kept[:target]
+        if tp.dynamic_sampling:
+            frac = sum(map(mixed_correctness, sampled)) / max(len(sampled), 1)
+            self.keep_rate = frac if self.keep_rate is None else 0.7 * self.keep_rate + 0.3 * frac
         metrics = _weighted_mean(calls)
         metrics.update(tree_metrics(sampled))
         metrics["tree/rounds"] = float(sum(m.get("tree/rounds", 0.0) for m, _ in calls))
@@ -82,6 +93,7 @@ class TreePO(Algorithm):
         metrics["dynamic/prompts_kept"] = float(len(kept))
         metrics["dynamic/extra_rounds"] = float(extra)
         metrics["dynamic/kept_fraction"] = sum(map(mixed_correctness, sampled)) / max(len(sampled), 1)
+        metrics["dynamic/keep_rate_ema"] = float(self.keep_rate or 0.0)
         metrics["dynamic/correct_all"] = sum(float(t[l].info.get("correct", 0.0)) for t, l in leaves) / max(len(leaves), 1)
         metrics["dynamic/reward_all"] = sum(float(t[l].reward or 0.0) for t, l in leaves) / max(len(leaves), 1)
         metrics["_trees"] = kept
