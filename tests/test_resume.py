@@ -149,7 +149,6 @@ KILLS = [
 ]
 
 
-@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_matches_uninterrupted(tmp_path):
     model = tiny_model_dir(tmp_path)
     rew = f"{reward_file(tmp_path)}:length_reward"
