@@ -83,6 +83,13 @@ class Algorithm:
     def samples(self, trees: list[RolloutTree]) -> tuple[list[TrainSample], dict]:
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """JSON-serialisable state that must survive a resume (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # Shared by the outcome-reward algorithms -----------------------------------------
     def _leaf_arrays(self, trees):
         refs = [(t, leaf) for t in trees for leaf in t.leaves(include_mc=False)]

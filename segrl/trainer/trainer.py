@@ -402,6 +402,7 @@ class Trainer:
             # resumed run cuts them back here so they equal an uninterrupted run's files
             "log_bytes": {name: _size(self.run_dir / name) for name in ("metrics.jsonl", "rollouts.jsonl")},
             "reward_error_windows": [list(w) for w in getattr(self.scorer.computer, "_windows", [])],
+            "algorithm": self.algorithm.state_dict(),  # e.g. TreePO's dynamic-sampling keep rate
             "rng": {
                 "python": _rng_to_json(random.getstate()),
                 "numpy": _rng_to_json(np.random.get_state()),
@@ -486,6 +487,7 @@ class Trainer:
         np.random.set_state(_rng_from_json(st["rng"]["numpy"]))
         torch.set_rng_state(_rng_from_json(st["rng"]["torch"]))
         self.engine.load_state_dict(_rng_from_json(st["rng"]["engine"]))
+        self.algorithm.load_state_dict(st.get("algorithm", {}))
         self.console.print(f"[green]resumed from {path} (step {self.step})[/green]")
         return st
 

@@ -52,6 +52,12 @@ class TreePO(Algorithm):
         #: running keep rate of dynamic sampling (sizes the first generation round)
         self.keep_rate: float | None = None
 
+    def state_dict(self) -> dict:
+        return {"keep_rate": self.keep_rate}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.keep_rate = state.get("keep_rate", self.keep_rate)
+
     # ----- rollout with dynamic sampling -------------------------------------------------
     def rollout(self, engine, trees, scorer):
         tp = self.cfg.treepo
