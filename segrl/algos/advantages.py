@@ -44,6 +44,17 @@ def _group_stats(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, to
     return mean[inv], std[inv], n[inv]
 
 
+def _scale(adv: torch.Tensor, rewards: torch.Tensor, group_std: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
+    """Divide by the group std, the batch std, or nothing (``scale_rewards``)."""
+    if scale == "group":
+        return adv / (group_std + eps)
+    if scale == "batch":
+        return adv / (rewards.std() + eps) if rewards.numel() > 1 else adv
+    if scale == "none":
+        return adv
+    raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
+
+
 @register_advantage("grpo")
 def grpo_advantage(
     rewards: torch.Tensor,
@@ -66,14 +77,7 @@ def grpo_advantage(
         ``[N]`` advantages.
     """
     mean, std, _ = _group_stats(rewards, index)
-    adv = rewards - mean
-    if scale_rewards == "group":
-        return adv / (std + eps)
-    if scale_rewards == "batch":
-        return adv / (rewards.std() + eps) if rewards.numel() > 1 else adv
-    if scale_rewards == "none":
-        return adv
-    raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    return _scale(rewards - mean, rewards, std, scale_rewards, eps)
 
 
 @register_advantage("rloo")
@@ -87,13 +91,7 @@ def rloo_advantage(rewards: torch.Tensor, index: torch.Tensor, scale_rewards: st
     """
     mean, std, n = _group_stats(rewards, index)
     adv = torch.where(n > 1, n / (n - 1).clamp(min=1) * (rewards - mean), torch.zeros_like(rewards))
-    if scale_rewards == "group":
-        return adv / (std + eps)
-    if scale_rewards == "batch":
-        return adv / (rewards.std() + eps) if rewards.numel() > 1 else adv
-    if scale_rewards == "none":
-        return adv
-    raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    return _scale(adv, rewards, std, scale_rewards, eps)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
