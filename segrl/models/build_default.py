@@ -253,7 +253,7 @@ def build_default_model(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out), safe_serialization=True)
-        tok.save_pretrained(str(out))
+        build_tokenizer().save_pretrained(str(out))  # a fresh one: no padding state from evaluation
         meta = {"seed": seed, "sft_steps": step, "shape": asdict(shape), "sft": asdict(sft), "n_train": n_train}
         (out / "build_info.json").write_text(json.dumps(meta, indent=2) + "\n")
     log(f"done in {time.time() - t0:.0f}s")
