@@ -1,4 +1,4 @@
-"""``segrl`` command line: train, eval, bench, config, build-default-model.
+"""``segrl`` command line: train, eval, compare, report, view, bench, config, build-default-model.
 
 Every config field can be set with ``--section.field value`` (see ``segrl config``); a YAML
 file given with ``--config`` is read first and the command line wins.
@@ -149,6 +149,38 @@ def cmd_config(args, rest) -> int:
     return 0
 
 
+def cmd_compare(args, rest) -> int:
+    from .compare import main as compare_main
+
+    return compare_main(rest)
+
+
+def cmd_report(args, rest) -> int:
+    if rest:
+        raise SystemExit(f"segrl report: unexpected arguments {rest}")
+    from .report import build_report
+
+    try:
+        path = build_report(args.run_dir, prompts=args.prompts)
+    except FileNotFoundError as e:
+        raise SystemExit(f"segrl report: {e}") from None
+    print(f"wrote {path} and {path.with_name('trees.html')}")
+    return 0
+
+
+def cmd_view(args, rest) -> int:
+    if rest:
+        raise SystemExit(f"segrl view: unexpected arguments {rest}")
+    from .report import build_tree_view
+
+    try:
+        path = build_tree_view(args.run_dir, step=args.step, prompts=args.prompts)
+    except FileNotFoundError as e:
+        raise SystemExit(f"segrl view: {e}") from None
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args, rest) -> int:
     from .bench import main as bench_main
 
@@ -171,15 +203,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, help_ in [
         ("train", cmd_train, "train a model (default: GRPO on the embedded arithmetic task and model)"),
         ("eval", cmd_eval, "held-out pass@1 / pass@k / maj@k of a model"),
+        ("compare", cmd_compare, "every method at the same budget of generated tokens: table, CIs over seeds, accuracy plots"),
         ("config", cmd_config, "list every config field with its default and meaning"),
+        ("report", cmd_report, "(re)build RUN_DIR/report.html: curves, held-out accuracy, sample rollouts, config"),
+        ("view", cmd_view, "draw sampled rollout trees of a run as static HTML: RUN_DIR/trees.html"),
         ("bench", cmd_bench, "benchmarks (sampler vs generate, GRPO step vs TRL, ...)"),
         ("build-default-model", cmd_build_default_model, "rebuild the embedded default model reproducibly"),
     ]:
-        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
+        # compare parses its own options (and --help)
+        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, add_help=name != "compare")
         sp.set_defaults(fn=fn)
         if name in ("train", "eval"):
             sp.add_argument("--config", help="YAML file with config sections")
             sp.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all)")
+        if name in ("report", "view"):
+            sp.add_argument("run_dir", metavar="RUN_DIR", help="a segrl train output directory")
+            sp.add_argument("--prompts", type=int, default=4, help="trees (prompts) drawn in trees.html (default 4)")
+        if name == "view":
+            sp.add_argument("--step", type=int, default=None, help="training step whose trees to draw (default: the last saved)")
         if name == "train":
             sp.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR", help="continue a run from its newest intact checkpoint")
     args, rest = p.parse_known_args(argv)
