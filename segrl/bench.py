@@ -85,7 +85,7 @@ def bench_sampler(model_name: str = "default", batch: int = 64, new_tokens: int 
     return results
 
 
-def bench_trl(model_name: str = "default", prompts: int = 16, generations: int = 8, max_len: int = 64, steps: int = 3) -> dict:
+def bench_trl(model_name: str = "default", prompts: int = 16, generations: int = 8, max_len: int = 64, steps: int = 8) -> dict:
     """Seconds per GRPO iteration, segrl vs TRL GRPOTrainer (same model/task/batch/length)."""
     import os
     import tempfile
@@ -101,7 +101,6 @@ def bench_trl(model_name: str = "default", prompts: int = 16, generations: int =
             "model.name_or_path": model_name,
             "train.prompts_per_step": prompts,
             "train.num_generations": generations,
-            "train.micro_batch_size": prompts * generations,
             "sampling.max_completion_length": max_len,
             "train.max_steps": steps + 1,
             "log.report_to": "none",

@@ -138,12 +138,9 @@ def global_mean_std(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[
 
 def global_masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """:func:`segrl.algos.advantages.masked_whiten` with batch statistics over all ranks."""
-    n, mean, std = global_mean_std(values, mask)
-    if n < 2:
-        return values
-    var = std**2
-    out = (values - mean) / torch.sqrt(torch.tensor(var + eps, dtype=values.dtype))
-    return torch.where(mask.bool(), out, values)
+    from .algos.advantages import masked_whiten
+
+    return masked_whiten(values, mask, eps, stats=global_mean_std)
 
 
 def shard(items: list, info: DistInfo | None = None) -> list:
@@ -169,19 +166,26 @@ def broadcast_object(obj, src: int = 0):
 
 
 class LogProbModule(torch.nn.Module):
-    """``forward(ids, attn, start, temperature, chunk_size)`` = :func:`sequence_logprobs` of
-    the wrapped causal LM. DDP and FSDP2 hook a module's ``forward``; log-probs are computed
-    from the decoder body and the LM head directly (chunked, never the full logits), so they
-    are wrapped in this module and the wrapper is what DDP/FSDP see."""
+    """``forward(batch, temperature, chunk_size, share_contexts)`` = per-token log-probs and
+    entropies ``[B, R]`` of a :class:`segrl.trainer.batching.Batch`'s responses under the
+    wrapped causal LM. DDP and FSDP2 hook a module's ``forward``; log-probs are computed from
+    the decoder body and the LM head directly (chunked, never the full logits), so they are
+    wrapped in this module and the wrapper is what DDP/FSDP see."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, start: int, temperature: float = 1.0, chunk_size: int = 64):
-        from .algos.logprobs import sequence_logprobs
+    def forward(self, batch, temperature: float = 1.0, chunk_size: int = 64, share_contexts: bool = True):
+        from .algos.logprobs import sequence_logprobs, shared_context_logprobs
 
-        return sequence_logprobs(self.model, input_ids, attention_mask, start, temperature, chunk_size)
+        if share_contexts:
+            return shared_context_logprobs(
+                self.model, batch.context_ids, batch.context_mask, batch.context_index,
+                batch.response_ids, batch.response_mask, temperature, chunk_size,
+            )
+        ids, attn, C = batch.full()
+        return sequence_logprobs(self.model, ids, attn, C, temperature, chunk_size)
 
 
 def _decoder_layers(model):
@@ -211,9 +215,12 @@ def wrap_policy(model, info: DistInfo, device: str):
         # FSDP2 initialises lazily from the first module that runs forward, which must be the
         # root: run one tiny forward through it now (the engine later calls the layers directly).
         dev = next(model.parameters()).device
-        ids = torch.zeros(1, 2, dtype=torch.long, device=dev if dev.type != "meta" else "cpu")
+        from .trainer.batching import Batch
+
+        d = dev if dev.type != "meta" else torch.device("cpu")
+        one = torch.ones(1, 1, dtype=torch.long, device=d)
         with torch.no_grad():
-            mod(ids, torch.ones_like(ids), 1)
+            mod(Batch(one, one, torch.zeros(1, dtype=torch.long, device=d), one, one, *[one.float()] * 3), share_contexts=False)
         for m in _fsdp_modules(mod):  # the root stays gathered after a forward: put the
             m.reshard()  # sharded parameters back before the optimizer collects them
         return mod

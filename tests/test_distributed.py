@@ -82,10 +82,20 @@ def _worker(rank, world, port, model_dir, out_dir, strategy, extra):
     sl = slice(0, 6) if rank == 0 else slice(6, 10)
     n, mean, std = D.global_mean_std(x[sl])
     adv = tr.algorithm.advantages(x[sl], (torch.arange(10) // 2)[sl])
+    # SPO batch whitening and TreePO batch whitening use statistics over both ranks
+    from segrl.algos.treepo import normalize_token_advantages, token_weighted_whiten
+    from segrl.trainer.spo_algorithms import whiten_samples
+
+    spo = D.shard(_samples(), tr.dist)
+    whiten_samples(spo, "batch")
+    tw = token_weighted_whiten(x[sl], (torch.arange(10) % 4 + 1)[sl], stats=D.global_mean_std)
+    rows = [[float(i)] * (i % 3 + 1) for i in range(10)][sl]
+    tok = normalize_token_advantages(rows, "batch_whiten", stats=D.global_mean_std)
     # prompt sharding: disjoint slices of one order, globally unique group ids
     trees = tr.new_trees(3)
     torch.save(
         {"weights": _weights(tr.model), "metrics": metrics, "stats": (n, mean, std), "adv": adv,
+         "spo": [s.advantages for s in spo], "treepo": tw, "treepo_tok": tok,
          "rows": [t.row["id"] for t in trees], "groups": [t.group for t in trees]},
         Path(out_dir) / f"rank{rank}.pt",
     )
@@ -146,6 +156,20 @@ def test_batch_statistics_and_prompt_sharding(model_dir, tmp_path):
     full = grpo_advantage(x, torch.arange(10) // 2, scale_rewards="batch")
     got = torch.cat([ranks[0]["adv"], ranks[1]["adv"]])
     assert torch.allclose(got, full, atol=1e-9)
+    # SPO (batch scope) and TreePO (batch_whiten) whitening over both ranks = one process
+    from segrl.algos.treepo import normalize_token_advantages, token_weighted_whiten
+    from segrl.trainer.spo_algorithms import whiten_samples
+
+    full_spo = _samples()
+    whiten_samples(full_spo, "batch")
+    for i, smp in enumerate(full_spo):  # shard = items[rank::2]
+        assert smp.advantages == pytest.approx(ranks[i % 2]["spo"][i // 2], abs=1e-9)
+    tw = token_weighted_whiten(x, torch.arange(10) % 4 + 1)
+    assert torch.allclose(torch.cat([ranks[0]["treepo"], ranks[1]["treepo"]]), tw, atol=1e-9)
+    tok = normalize_token_advantages([[float(i)] * (i % 3 + 1) for i in range(10)], "batch_whiten")
+    flat = [a for row in ranks[0]["treepo_tok"] + ranks[1]["treepo_tok"] for a in row]
+    assert flat == pytest.approx([a for row in tok for a in row], abs=1e-9)
+    assert abs(tw[0]) > 0.5  # whitened, not left as is
     rows0, rows1 = ranks[0]["rows"], ranks[1]["rows"]
     assert len(rows0) == len(rows1) == 3 and not set(rows0) & set(rows1)
     assert not set(ranks[0]["groups"]) & set(ranks[1]["groups"])

@@ -69,6 +69,28 @@ def test_stop_string_cuts_after_the_string(tiny_model, char_tok):
     assert u[1].finish_reason == FinishReason.STOP
 
 
+def test_stop_strings_cut_at_first_occurrence_when_sampling(tiny_model, char_tok):
+    # A sampled row (T=1, same seed; one row per call so that no other row changes the
+    # random stream) with and without stop strings agrees up to the first occurrence and is
+    # cut right after it: the per-token pre-check never skips a stop.
+    def sample(seed, stops=()):
+        eng = Engine(tiny_model, char_tok, SamplingParams(temperature=1.0, stop_strings=stops), seed=seed, eos_token_ids=[])
+        (t,) = eng.new_trees([[2, 5, 6, 7]])
+        eng.extend([(t, 0)], 30, 1)
+        return t[1]
+
+    texts = {seed: char_tok.decode(sample(seed).token_ids) for seed in range(4)}
+    assert min(len(t) for t in texts.values()) >= 15
+    stops = tuple(sorted({texts[0][9:11], texts[1][4:5], texts[2][12:15]}))
+    n_stopped = 0
+    for seed, text in texts.items():
+        node = sample(seed, stops)
+        cut = min([text.index(s) + len(s) for s in stops if s in text], default=len(text))
+        assert char_tok.decode(node.token_ids) == text[:cut]
+        n_stopped += node.finish_reason == FinishReason.STOP
+    assert n_stopped >= 3
+
+
 def test_crop_from_a_cached_descendant(tiny_model, char_tok):
     eng = Engine(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=3)
     (t,) = eng.new_trees([[2, 5, 6, 7, 8]])

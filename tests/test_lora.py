@@ -65,7 +65,8 @@ def test_trainer_with_lora_reference_is_adapters_disabled(tmp_path):
     opt_params = [p for g in tr.optimizer.param_groups for p in g["params"]]
     assert sum(p.numel() for p in opt_params) == trainable_parameters(tr.model)[0]
     samples = _samples()
-    ids, attn, C, *_ = tr._collate(samples, 0)
+    batch = tr._collate(samples, 0)
+    ids, attn, C = batch.full()
     with torch.no_grad():
         before = sequence_logprobs(tr.model, ids, attn, C, 1.0, 4)[0]
     for _ in range(3):
@@ -73,7 +74,7 @@ def test_trainer_with_lora_reference_is_adapters_disabled(tmp_path):
     assert m["kl"] >= 0
     with torch.no_grad():
         after = sequence_logprobs(tr.model, ids, attn, C, 1.0, 4)[0]
-        ref = tr._ref_logprobs(ids, attn, C)
+        ref = tr._ref_logprobs(batch)
     mask = attn[:, C:].bool()
     assert (after - before)[mask].abs().max() > 1e-3  # the adapters learned something
     assert torch.allclose(ref[mask], before[mask], atol=1e-5)  # reference = the untouched base

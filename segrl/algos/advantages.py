@@ -94,18 +94,34 @@ def rloo_advantage(rewards: torch.Tensor, index: torch.Tensor, scale_rewards: st
     return _scale(adv, rewards, std, scale_rewards, eps)
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, stats: MeanStd | None = None) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the masked entries (unbiased variance).
 
     The statistics come from every masked entry passed in: the caller chooses the scope
     (a whole batch, one group), never an accident of micro-batch size. Unmasked entries are
     returned unchanged. Used by SPO (token whitening) and TreePO (REINFORCE++ batch norm).
+    ``stats``: computes ``(count, mean, std)`` instead of :func:`weighted_mean_std` (under
+    torchrun, :func:`segrl.distributed.global_mean_std`: the batch spans every rank).
     """
-    m = mask.to(values.dtype)
-    n = m.sum()
+    n, mean, std = (stats or weighted_mean_std)(values, mask)
     if n < 2:
         return values
-    mean = (values * m).sum() / n
-    var = (((values - mean) ** 2) * m).sum() / (n - 1)
-    out = (values - mean) / torch.sqrt(var + eps)
+    out = (values - mean) / torch.sqrt(torch.tensor(std**2 + eps, dtype=values.dtype))
     return torch.where(mask.bool(), out, values)
+
+
+MeanStd = Callable[[torch.Tensor, torch.Tensor], tuple[float, float, float]]
+
+
+def weighted_mean_std(values: torch.Tensor, weights: torch.Tensor) -> tuple[float, float, float]:
+    """``(sum of weights, weighted mean, unbiased weighted std)`` of ``values`` (float64):
+    with 0/1 weights the count, mean and std of the selected entries; with token counts as
+    weights the statistics of the values broadcast to their tokens."""
+    x = values.detach().to(torch.float64).flatten()
+    w = weights.detach().to(torch.float64).flatten()
+    n = float(w.sum())
+    if n <= 0:
+        return 0.0, 0.0, 0.0
+    mean = float((x * w).sum()) / n
+    var = float((((x - mean) ** 2) * w).sum()) / (n - 1) if n > 1 else 0.0
+    return n, mean, var**0.5

@@ -54,8 +54,61 @@ def sequence_logprobs(
     body, head = _decoder_and_head(model)
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
-    h = hidden[:, start - 1 : -1]
-    targets = input_ids[:, start:]
+    return _head_logprobs(head, hidden[:, start - 1 : -1], input_ids[:, start:], temperature, chunk_size)
+
+
+def shared_context_logprobs(
+    model,
+    context_ids: torch.Tensor,
+    context_mask: torch.Tensor,
+    context_index: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logprobs` of ``context[context_index[b]] + response[b]`` for every row
+    ``b``, encoding each distinct context once.
+
+    A GRPO group's completions share their prompt; an SPO-tree / TreePO node's children share
+    prompt + path. The contexts run through the model once, their KV cache is gathered to the
+    response rows (an index-select, which autograd differentiates: gradients from every row
+    flow back into its context), and the responses run on top of it. Same log-probs and
+    gradients as encoding each row in full (tested to 1e-5), with the shared tokens computed
+    once instead of once per row. Needs a model with a KV cache that is not recomputed in
+    backward (no gradient checkpointing).
+
+    Args:
+        context_ids, context_mask: ``[U, C]`` distinct contexts, **left**-padded (each ends at
+            column C-1), every one at least one token long.
+        context_index: ``[B]`` which context each response row continues.
+        response_ids, response_mask: ``[B, R]`` right-padded responses (the scored tokens).
+    Returns:
+        ``(logp [B, R], entropy [B, R])``; entropy carries no gradient.
+    """
+    from transformers import DynamicCache
+
+    body, head = _decoder_and_head(model)
+    pos = (context_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=_config(model))
+    ctx = body(input_ids=context_ids, attention_mask=context_mask, position_ids=pos, cache=cache, use_cache=True)
+    cache.batch_select_indices(context_index)
+    ctx_len = context_mask.sum(-1)[context_index]
+    rpos = ctx_len[:, None] + (response_mask.cumsum(-1) - 1).clamp(min=0)
+    attn = torch.cat([context_mask[context_index], response_mask], 1)
+    hidden = body(input_ids=response_ids, attention_mask=attn, position_ids=rpos, cache=cache, use_cache=True).last_hidden_state
+    # the first response token is predicted from the context's last position
+    h = torch.cat([ctx.last_hidden_state[context_index, -1:], hidden[:, :-1]], 1)
+    return _head_logprobs(head, h, response_ids, temperature, chunk_size)
+
+
+def _config(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def _head_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_size: int):
+    """Log-probs/entropies of ``targets`` from hidden states ``h`` (``[B, T, H]``), chunked."""
     T = targets.shape[1]
     step = T if chunk_size <= 0 else chunk_size
     outs, ents = [], []

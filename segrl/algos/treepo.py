@@ -36,7 +36,7 @@ from typing import Sequence
 import torch
 
 from ..tree import RolloutTree
-from .advantages import register_advantage
+from .advantages import MeanStd, register_advantage, weighted_mean_std
 
 
 @dataclass
@@ -142,20 +142,17 @@ def treepo_advantage(
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num)).to(rewards.dtype)
 
 
-def token_weighted_whiten(values: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def token_weighted_whiten(values: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-8, stats: MeanStd | None = None) -> torch.Tensor:
     """Whiten per-trajectory scalars as if broadcast to their tokens (``masked_whiten`` over
     the batch's ``[N, T]`` token grid, unbiased variance): mean and std are token-weighted.
+    ``stats`` as in :func:`~segrl.algos.advantages.masked_whiten` (all ranks under torchrun).
 
     Shapes: ``values [N]``, ``lengths [N]`` -> ``[N]``.
     """
-    w = lengths.to(torch.float64)
-    n = w.sum()
-    v = values.to(torch.float64)
+    n, mean, std = (stats or weighted_mean_std)(values, lengths)
     if n < 2:
         return values
-    mean = (v * w).sum() / n
-    var = (((v - mean) ** 2) * w).sum() / (n - 1)
-    return ((v - mean) / torch.sqrt(var + eps)).to(values.dtype)
+    return ((values.to(torch.float64) - mean) / (std**2 + eps) ** 0.5).to(values.dtype)
 
 
 def group_std_scale(values: torch.Tensor, rewards: torch.Tensor, index: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -176,12 +173,14 @@ def normalize_tree_advantages(
     lengths: torch.Tensor | None = None,
     rewards: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
+    stats: MeanStd | None = None,
 ) -> torch.Tensor:
-    """``batch_whiten`` (code) | ``group_std`` (paper Eq. 5) | ``none``; see module docstring."""
+    """``batch_whiten`` (code) | ``group_std`` (paper Eq. 5) | ``none``; see module docstring.
+    ``stats``: batch statistics (all ranks under torchrun), see :func:`token_weighted_whiten`."""
     if mode == "none":
         return adv
     if mode == "batch_whiten":
-        return token_weighted_whiten(adv, lengths if lengths is not None else torch.ones_like(adv))
+        return token_weighted_whiten(adv, lengths if lengths is not None else torch.ones_like(adv), stats=stats)
     if mode == "group_std":
         return group_std_scale(adv, rewards, index)
     raise ValueError(f"normalization must be batch_whiten, group_std or none, got {mode!r}")
@@ -234,21 +233,23 @@ def normalize_token_advantages(
     rewards: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
     eps: float = 1e-8,
+    stats: MeanStd | None = None,
 ) -> list[list[float]]:
     """Normalise per-token advantage lists (segment-level variant).
 
-    ``batch_whiten``: whiten over every token of every trajectory in the batch (unbiased);
-    ``group_std``: divide by the std of each prompt group's rewards; ``none``.
+    ``batch_whiten``: whiten over every token of every trajectory in the batch (unbiased;
+    ``stats`` as in :func:`token_weighted_whiten`); ``group_std``: divide by the std of each
+    prompt group's rewards; ``none``.
     """
-    if mode == "none" or not per_leaf:
+    if mode == "none" or (not per_leaf and mode != "batch_whiten"):
         return per_leaf
-    if mode == "batch_whiten":
+    if mode == "batch_whiten":  # even with no rows here: other ranks wait for this one's sums
         flat = torch.tensor([x for row in per_leaf for x in row], dtype=torch.float64)
-        if flat.numel() < 2:
+        n, mean, std = (stats or weighted_mean_std)(flat, torch.ones_like(flat))
+        if n < 2:
             return per_leaf
-        mean, var = flat.mean(), flat.var(unbiased=True)
-        scale = float(torch.sqrt(var + eps))
-        return [[(x - float(mean)) / scale for x in row] for row in per_leaf]
+        scale = (std**2 + eps) ** 0.5
+        return [[(x - mean) / scale for x in row] for row in per_leaf]
     if mode == "group_std":
         ones = torch.ones(len(per_leaf), dtype=torch.float64)
         s = group_std_scale(ones, rewards, index).tolist()

@@ -77,10 +77,13 @@ class TrainConfig:
 
     algo: str = option("grpo", help="grpo | rloo | spo_chain | spo_tree | treepo.", choices=ALGOS)
     rollout: str = option("auto", help="Rollout sampler: 'auto' (the algorithm's own), 'group' (independent samples), 'treepo' (TreePO segment trees; 'GRPO with TreePO sampling').", choices=("auto", "group", "treepo"))
-    max_steps: int = option(80, help="Training steps (one rollout batch + num_iterations optimisation passes each).")
+    max_steps: int = option(240, help="Training steps (one rollout batch + num_iterations optimisation passes each).")
+    max_generated_tokens: int = option(0, help="Also stop once the tokens the rollout engine has decoded in training (every sampled token: trajectories, tree branches, SPO-chain's Monte-Carlo continuations, dynamic-sampling retries; not evaluation) reach this many (0 = off). Checked after each step, so a run overshoots by less than one step's tokens; max_steps still caps, and sets the length of the lr schedule.")
     prompts_per_step: int = option(16, help="Prompts sampled per step; each gets num_generations completions (GRPO).")
     num_generations: int = option(8, help="Completions per prompt (GRPO/RLOO group size; N trajectories for SPO-chain).")
     micro_batch_size: int = option(64, help="Sequences per forward/backward; gradients accumulate over the step's batch.")
+    share_context_forward: bool = option(True, help="Encode each distinct context (a GRPO group's prompt; the prompt + path an SPO-tree/TreePO node's children continue) once per micro-batch and fork its KV cache to the rows that continue it: the same log-probs and gradients as encoding every row in full, with the shared tokens computed once. Off automatically under model.gradient_checkpointing.")
+    skip_zero_advantage_rows: bool = option(True, help="Leave rows whose loss-masked advantages are all 0 (e.g. every completion of a group with equal rewards) out of the forward/backward: with beta = 0 they add exactly 0 to the loss and gradient, and the loss normalisers still count them, so the update is unchanged (not applied with beta > 0 or loss_type=bnpo, where they do matter). The entropy and clip-ratio metrics then cover the trained rows.")
     max_tokens_per_micro_batch: int = option(0, help="Also cap a micro-batch at this many padded tokens (rows x longest row; 0 = no cap): bounds activation memory when lengths vary.")
     num_iterations: int = option(1, help="PPO epochs over each rollout batch (mu in the GRPO paper).")
     learning_rate: float = option(1e-4, help="AdamW learning rate (2e-4 degrades the embedded model, 1e-4 raised it ~10 points in 80 steps; TRL's default 1e-6 is for billion-parameter models).")
@@ -103,6 +106,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(self.max_generated_tokens >= 0, "train.max_generated_tokens", "must be >= 0 (0 = off)")
         check(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
         check(self.num_generations >= 1, "train.num_generations", "must be >= 1")
         check(self.micro_batch_size > 0, "train.micro_batch_size", "must be > 0")
@@ -128,6 +132,7 @@ class EvalConfig:
     num_samples: int = option(4, help="Samples per problem (k of pass@k / maj@k).")
     temperature: float | None = option(None, help="Sampling temperature for evaluation (default: the training temperature; 0 = greedy).")
     eval_steps: int = option(0, help="Evaluate every this many steps during training (0 = only before and after).")
+    eval_every_tokens: int = option(0, help="Also evaluate during training each time the generated-token count (train.max_generated_tokens' count) passes a multiple of this (0 = off): evaluation points that line up across methods whose steps cost different numbers of tokens. A step passing several multiples triggers one evaluation.")
     eval_before: bool = option(True, help="Evaluate the initial model before training.")
     eval_after: bool = option(True, help="Evaluate the final model after training.")
     rollout: str = option("independent", help="independent | treepo: how evaluation samples are drawn.", choices=("independent", "treepo"))
@@ -137,6 +142,7 @@ class EvalConfig:
         check(self.num_samples > 0, "eval.num_samples", "must be > 0")
         check(self.temperature is None or self.temperature >= 0, "eval.temperature", "must be >= 0")
         check(self.eval_steps >= 0, "eval.eval_steps", "must be >= 0")
+        check(self.eval_every_tokens >= 0, "eval.eval_every_tokens", "must be >= 0 (0 = off)")
 
 
 @dataclass

@@ -130,6 +130,8 @@ class GRPO(Algorithm):
     def samples(self, trees):
         refs, rewards, index = self._leaf_arrays(trees)
         adv = self.advantages(rewards, index)
+        for (tree, leaf), a in zip(refs, adv.tolist()):
+            tree[leaf].info["advantage"] = float(a)  # saved with the tree (rollouts.jsonl, the tree viewer)
         t = self.cfg.train
         out = [
             trajectory_sample(tree, leaf, float(a), t.mask_truncated_completions, self.rho)

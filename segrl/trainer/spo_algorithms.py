@@ -24,7 +24,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..algos.advantages import masked_whiten
+from .. import distributed as segrl_dist
+from ..algos.advantages import MeanStd, masked_whiten
 from ..algos.samples import TrainSample, prob_mask, trajectory_sample
 from ..algos.spo import chain_token_advantages
 from ..samplers.partition import make_partition
@@ -34,15 +35,17 @@ from ..tree import FinishReason, RolloutTree
 from .algorithms import Algorithm, register_algorithm
 
 
-def whiten_samples(samples: list[TrainSample], scope: str) -> None:
+def whiten_samples(samples: list[TrainSample], scope: str, stats: MeanStd | None = segrl_dist.global_mean_std) -> None:
     """Whiten the advantages of ``samples`` in place over their masked tokens.
 
     ``scope``: ``batch`` (one mean/std for every masked token of the batch), ``group``
     (one per prompt: samples with the same ``info["qid"]``), ``none``. Unmasked tokens keep
-    their raw value (they carry no loss).
+    their raw value (they carry no loss). ``batch`` statistics come from ``stats``: by default
+    over every rank under torchrun (a prompt's whole group is on one rank, so ``group`` needs
+    no communication).
     """
-    if scope == "none" or not samples:
-        return
+    if scope == "none" or (not samples and scope != "batch"):
+        return  # (batch: even with no samples here, the other ranks wait for this one's sums)
     if scope == "batch":
         buckets = [samples]
     elif scope == "group":
@@ -55,7 +58,7 @@ def whiten_samples(samples: list[TrainSample], scope: str) -> None:
     for bucket in buckets:
         adv = torch.tensor([a for s in bucket for a in s.advantages], dtype=torch.float64)
         mask = torch.tensor([m for s in bucket for m in s.mask], dtype=torch.bool)
-        out = masked_whiten(adv, mask).tolist()
+        out = masked_whiten(adv, mask, stats=stats if scope == "batch" else None).tolist()
         pos = 0
         for s in bucket:
             n = len(s.advantages)
@@ -192,7 +195,11 @@ class SPOChain(_SPOBase):
                 bounds, vals = info["spo_bounds"], info["spo_values"]
                 n = t.completion_len(leaf)
                 adv = chain_token_advantages(bounds, vals, float(t[leaf].reward), n).tolist()
-                seg_adv.extend(chain_segment_list(vals, float(t[leaf].reward)))
+                seg = chain_segment_list(vals, float(t[leaf].reward))
+                seg_adv.extend(seg)
+                for node, start, _ in t.segment_spans(leaf):  # saved with the tree: raw A_j on the segment it credits
+                    if start in bounds:
+                        t[node].info["advantage"] = seg[bounds.index(start)]
                 s = trajectory_sample(t, leaf, adv, mt, self.rho)
                 if self.rho is not None:  # the segment advantage goes to its low-probability tokens only
                     s.advantages = [a if m else 0.0 for a, m in zip(s.advantages, prob_mask(s.old_logprobs, self.rho))]

@@ -30,7 +30,6 @@ import torch
 import yaml
 
 from .. import distributed as segrl_dist
-from ..algos.logprobs import sequence_logprobs
 from ..algos.losses import LossNormalizer, policy_loss
 from ..algos.samples import TrainSample
 from ..configs import SegrlConfig, to_dict
@@ -38,6 +37,7 @@ from ..models.loading import encode_prompt
 from ..engine.hf_engine import Engine, SamplingParams
 from ..tasks.base import Task
 from ..tree import FinishReason, RolloutTree, save_jsonl
+from .batching import Batch, collate, micro_batches, sort_for_sharing
 from . import checkpoint as ckpt
 from .algorithms import get_algorithm
 from .evaluate import EvalResult, evaluate
@@ -150,6 +150,10 @@ class Trainer:
         self.cursor = 0
         self.order = self._permutation(0)
         self.num_tokens = 0
+        self.generated_tokens = 0  # tokens the engine decoded in training (train.max_generated_tokens)
+        self.elapsed_s = 0.0  # training wall-clock before this process (a resumed run continues it)
+        self.eval_s = 0.0  # held-out evaluation seconds, kept out of elapsed_s
+        self._clock_start: float | None = None
         self.skipped_updates = 0
         self._stop_signal: int | None = None
         self._saved_step: int | None = None  # step of the newest checkpoint written or loaded
@@ -241,34 +245,22 @@ class Trainer:
             p.requires_grad_(False)
         return ref
 
-    def _collate(self, batch: Sequence[TrainSample], pad_id: int):
-        C = max(len(s.context) for s in batch)
-        R = max(len(s.response) for s in batch)
-        B = len(batch)
-        ids = torch.full((B, C + R), pad_id, dtype=torch.long)
-        attn = torch.zeros(B, C + R, dtype=torch.long)
-        old = torch.zeros(B, R)
-        adv = torch.zeros(B, R)
-        mask = torch.zeros(B, R)
-        for b, s in enumerate(batch):
-            c, r = len(s.context), len(s.response)
-            ids[b, C - c : C] = torch.tensor(s.context)
-            ids[b, C : C + r] = torch.tensor(s.response)
-            attn[b, C - c : C + r] = 1
-            old[b, :r] = torch.tensor(s.old_logprobs)
-            adv[b, :r] = torch.tensor(s.advantages)
-            mask[b, :r] = torch.tensor(s.mask, dtype=torch.float)
-        dev = self.cfg.model.device
-        return ids.to(dev), attn.to(dev), C, old.to(dev), adv.to(dev), mask.to(dev)
+    @property
+    def share_contexts(self) -> bool:
+        # gradient checkpointing recomputes the forward without a KV cache to share
+        return self.cfg.train.share_context_forward and not self.cfg.model.gradient_checkpointing
 
-    def _ref_logprobs(self, ids, attn, C):
+    def _collate(self, batch: Sequence[TrainSample], pad_id: int) -> Batch:
+        return collate(batch, pad_id, self.share_contexts).to(self.cfg.model.device)
+
+    def _ref_logprobs(self, batch: Batch):
         temp = self.cfg.sampling.temperature
         chunk = self.cfg.model.logprob_chunk_size
         with torch.no_grad():
             if self.ref_model == "adapters-disabled":
                 with self.model.disable_adapter():
-                    return self.policy(ids, attn, C, temp, chunk)[0]
-            return sequence_logprobs(self.ref_model, ids, attn, C, temp, chunk)[0]
+                    return self.policy(batch, temp, chunk, self.share_contexts)[0]
+            return segrl_dist.LogProbModule(self.ref_model)(batch, temp, chunk, self.share_contexts)[0]
 
     # ----- one optimisation step -------------------------------------------------------
     def optimize(self, samples: list[TrainSample]) -> dict[str, float]:
@@ -280,12 +272,23 @@ class Trainer:
             return {}
         if not samples:  # torchrun: nothing here, but this rank must join the gradient all-reduce
             samples = [TrainSample([pad], [pad], [0.0], [0.0], [0])]
-        samples = sorted(samples, key=lambda s: len(s.context) + len(s.response))
+        num_tokens = segrl_dist.all_reduce_sum(sum(sum(s.mask) for s in samples))
+        n_all, skipped = len(samples), 0
+        if t.skip_zero_advantage_rows and t.beta == 0 and t.loss_type != "bnpo":
+            # A row whose loss-masked advantages are all 0 (e.g. a group with equal rewards)
+            # adds exactly 0 to the loss and its gradient when there is no KL term: skip its
+            # forward/backward. The normalisers count it all the same, so the update is
+            # unchanged (bnpo normalises per micro-batch, so there every row stays).
+            samples = [s for s in samples if any(a != 0.0 for a, m in zip(s.advantages, s.mask) if m)]
+            skipped = n_all - len(samples)
+            if not samples:  # still one (all-masked) pass: zero gradients, same optimizer step
+                samples = [TrainSample([pad], [pad], [0.0], [0.0], [0])]
+        samples = sort_for_sharing(samples)
         mbs = micro_batches(samples, t.micro_batch_size, t.max_tokens_per_micro_batch)
         batches = [self._collate(mb, pad) for mb in mbs]
-        refs = [self._ref_logprobs(ids, attn, C) for ids, attn, C, *_ in batches] if self.ref_model is not None else [None] * len(batches)
+        refs = [self._ref_logprobs(b) for b in batches] if self.ref_model is not None else [None] * len(batches)
         norm = LossNormalizer(
-            num_tokens=segrl_dist.all_reduce_sum(sum(sum(s.mask) for s in samples)),
+            num_tokens=num_tokens,
             num_sequences=n_seq,
             num_micro_batches=int(segrl_dist.all_reduce_sum(len(batches))),
             max_completion_length=self.cfg.sampling.max_completion_length,
@@ -295,17 +298,17 @@ class Trainer:
         for _ in range(t.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for bi, ((ids, attn, C, old, adv, mask), ref) in enumerate(zip(batches, refs)):
+            for bi, (b, ref) in enumerate(zip(batches, refs)):
                 # gradients are all-reduced on the last micro-batch only (accumulation)
                 with segrl_dist.grad_sync(self.policy, bi == len(batches) - 1):
-                    logp, ent = self.policy(ids, attn, C, self.cfg.sampling.temperature, self.cfg.model.logprob_chunk_size)
+                    logp, ent = self.policy(b, self.cfg.sampling.temperature, self.cfg.model.logprob_chunk_size, self.share_contexts)
                     loss, sums = policy_loss(
-                        logp, old, adv, mask, norm, t.loss_type, t.epsilon, t.epsilon_high, t.dual_clip, t.beta, ref
+                        logp, b.old, b.adv, b.mask, norm, t.loss_type, t.epsilon, t.epsilon_high, t.dual_clip, t.beta, ref
                     )
                     # the normalisers are global and DDP/FSDP average over ranks: x world size
                     (loss * self.dist.world_size).backward()
                 total_loss += float(loss.detach())
-                sums["entropy"] = float((ent * mask).sum())
+                sums["entropy"] = float((ent * b.mask).sum())
                 for k, v in sums.items():
                     agg[k] = agg.get(k, 0.0) + v
             total_loss = segrl_dist.all_reduce_sum(total_loss)  # every rank takes the same skip decision
@@ -334,6 +337,8 @@ class Trainer:
             "clip_ratio/region_mean": agg["clip_ratio/region"] / tok,
             "learning_rate": self.scheduler.get_last_lr()[0],
             "train/skipped_updates": float(self.skipped_updates),
+            # rows left out of forward/backward because they carry no gradient (see above)
+            "train/zero_advantage_rows": float(skipped),
         }
         if "kl" in agg:
             out["kl"] = agg["kl"] / max(agg["kl_tokens"], 1.0)
@@ -397,6 +402,9 @@ class Trainer:
             "epoch": self.epoch,
             "cursor": self.cursor,
             "num_tokens": self.num_tokens,
+            "generated_tokens": self.generated_tokens,
+            "elapsed_s": self._clock(),
+            "eval_s": self.eval_s,
             "skipped_updates": self.skipped_updates,
             # where metrics.jsonl / rollouts.jsonl ended when this checkpoint was taken: a
             # resumed run cuts them back here so they equal an uninterrupted run's files
@@ -482,6 +490,9 @@ class Trainer:
             self.logger.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=st["step"] + 1)
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         self.num_tokens, self.skipped_updates = st["num_tokens"], st["skipped_updates"]
+        # (older checkpoints lack these: a token budget then counts from the resume)
+        self.generated_tokens = st.get("generated_tokens", 0)
+        self.elapsed_s, self.eval_s = st.get("elapsed_s", 0.0), st.get("eval_s", 0.0)
         self.order = self._permutation(self.epoch)
         random.setstate(_rng_from_json(st["rng"]["python"]))
         np.random.set_state(_rng_from_json(st["rng"]["numpy"]))
@@ -509,10 +520,23 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._train(resume)
+            summary = self._train(resume)
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+        self._write_report()
+        return summary
+
+    def _write_report(self) -> None:
+        """``report.html`` + ``trees.html`` (:mod:`segrl.report`); a failure is only a warning."""
+        if not self.dist.is_main:
+            return
+        try:
+            from ..report import build_report
+
+            build_report(self.run_dir, tokenizer=self.tokenizer)
+        except Exception as e:  # noqa: BLE001 - a report must never fail a finished run
+            self.console.print(f"[yellow]warning: report.html not written: {type(e).__name__}: {e}[/yellow]")
 
     def _interrupted(self, summary: dict) -> dict:
         if self._saved_step != self.step:
@@ -534,25 +558,34 @@ class Trainer:
 
             self.ref_model = load_model_and_tokenizer(cfg.model)[0].eval()
         summary: dict = dict(state.get("summary", {}))
+        self._clock_start = time.perf_counter()  # training wall-clock runs from here (evals excluded)
+        next_eval_tokens = self._next_eval_tokens()
         if e.eval_before and "before" not in summary:
-            res = self.evaluate()
+            res = self._evaluate_and_log()
             summary["before"] = res.as_metrics("")
-            self.logger.log(self.step, res.as_metrics("eval/"))
             self.console.print(f"[bold]held-out before training[/bold]: pass@1={res.pass_at_1:.3f} pass@{res.k}={res.pass_at_k:.3f} maj@{res.k}={res.maj_at_k:.3f} on {res.num_problems} problems")
         if self._stop_signal is not None:
             return self._interrupted(summary)
         progress = _progress(self.console) if cfg.log.progress else None
         try:
-            task_id = progress.add_task(f"{t.algo}", total=t.max_steps, completed=self.step) if progress else None
+            # under a token budget the bar counts generated tokens (the step count is open)
+            by_tok = t.max_generated_tokens > 0
+            done = (lambda: self.generated_tokens) if by_tok else (lambda: self.step)
+            task_id = progress.add_task(f"{t.algo}", total=t.max_generated_tokens if by_tok else t.max_steps, completed=done()) if progress else None
             if progress:
                 progress.start()
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and not self.token_budget_reached():
                 metrics = self.train_step()
                 if progress:
-                    progress.update(task_id, completed=self.step, description=f"{t.algo} reward={metrics['reward']:.3f}")
-                if e.eval_steps and self.step % e.eval_steps == 0 and self.step < t.max_steps:
-                    res = self.evaluate()
-                    self.logger.log(self.step, res.as_metrics("eval/"))
+                    progress.update(task_id, completed=min(done(), t.max_generated_tokens) if by_tok else done(), description=f"{t.algo} reward={metrics['reward']:.3f}")
+                # periodic evaluations, by steps and/or by generated tokens; none when the run
+                # ends here anyway (the final evaluation follows)
+                last = self.step >= t.max_steps or self.token_budget_reached()
+                by_tokens = next_eval_tokens is not None and self.generated_tokens >= next_eval_tokens
+                if by_tokens:
+                    next_eval_tokens = self._next_eval_tokens()
+                if not last and ((e.eval_steps and self.step % e.eval_steps == 0) or by_tokens):
+                    self._evaluate_and_log()
                 if cfg.log.save_steps and self.step % cfg.log.save_steps == 0:
                     self.save({"summary": summary})
                 if self._stop_signal is not None:
@@ -563,9 +596,8 @@ class Trainer:
         self.model = segrl_dist.export_view(self.model, self.policy)  # FSDP2: a full copy for the final save
         segrl_dist.unshard_for_export(self.policy)  # FSDP2: full weights from here on (final eval)
         if e.eval_after and "after" not in summary:
-            res = self.evaluate()
+            res = self._evaluate_and_log()
             summary["after"] = res.as_metrics("")
-            self.logger.log(self.step, res.as_metrics("eval/"))
         if self._saved_step != self.step:
             # (If this step is already checkpointed, a resume re-runs the deterministic
             # final evaluation instead of rewriting the checkpoint.)
@@ -586,6 +618,40 @@ class Trainer:
         self.logger.close()
         return summary
 
+    # ----- budget and clock (accuracy vs generated tokens / wall-clock) --------------------
+    def _clock(self) -> float:
+        """Training wall-clock seconds: time in :meth:`train` minus held-out evaluations
+        (same eval cost for every method, so it is kept out of comparisons), plus the time
+        of the run before a resume."""
+        if self._clock_start is None:
+            return self.elapsed_s
+        return self.elapsed_s + time.perf_counter() - self._clock_start
+
+    def progress_metrics(self) -> dict[str, float]:
+        """Where the run stands, carried by every metrics row (steps and evaluations):
+        ``tokens/generated`` (cumulative decoded tokens), ``timing/elapsed_s`` (training
+        wall-clock, evaluations excluded), ``timing/eval_s`` (evaluation seconds so far)."""
+        return {"tokens/generated": float(self.generated_tokens), "timing/elapsed_s": self._clock(), "timing/eval_s": self.eval_s}
+
+    def token_budget_reached(self) -> bool:
+        cap = self.cfg.train.max_generated_tokens
+        return cap > 0 and self.generated_tokens >= cap
+
+    def _next_eval_tokens(self) -> int | None:
+        """The next multiple of ``eval.eval_every_tokens`` above the tokens generated so far."""
+        every = self.cfg.eval.eval_every_tokens
+        return (self.generated_tokens // every + 1) * every if every > 0 else None
+
+    def _evaluate_and_log(self) -> EvalResult:
+        t0 = time.perf_counter()
+        res = self.evaluate()
+        dt = time.perf_counter() - t0
+        self.eval_s += dt
+        if self._clock_start is not None:
+            self._clock_start += dt  # stop the training clock while evaluating
+        self.logger.log(self.step, {**res.as_metrics("eval/"), **self.progress_metrics()})
+        return res
+
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         maybe_kill("step_start", self.step + 1)
@@ -600,6 +666,8 @@ class Trainer:
         samples, adv_metrics = self.algorithm.samples(trees)
         metrics = {**self.rollout_metrics(trees, samples), **roll, **adv_metrics}
         metrics["tree/decoded_tokens"] = float(stats.decode_tokens)
+        # the budget counts every rank's tokens, so that all ranks stop at the same step
+        self.generated_tokens += int(segrl_dist.all_reduce_sum(stats.decode_tokens))
         metrics["tree/prefill_tokens"] = float(stats.prefill_tokens)
         maybe_kill("after_rollout", self.step + 1)
         if samples or self.dist.enabled:
@@ -609,6 +677,7 @@ class Trainer:
         t2 = time.perf_counter()
         self.step += 1
         metrics.update({"timing/rollout": t1 - t0, "timing/train": t2 - t1, "step_time": t2 - t0, "epoch": float(self.epoch)})
+        metrics.update(self.progress_metrics())
         if self.cfg.log.save_rollouts:
             for tr in trees:
                 tr.row = {**tr.row, "step": self.step}
@@ -628,26 +697,6 @@ def _truncate(path: Path, size: int) -> None:
     if path.exists() and path.stat().st_size > size:
         with open(path, "r+b") as f:
             f.truncate(size)
-
-
-def micro_batches(samples: Sequence[TrainSample], max_seqs: int, max_tokens: int = 0) -> list[list[TrainSample]]:
-    """Consecutive runs of ``samples`` (sort them by length first) with at most ``max_seqs``
-    rows and, when ``max_tokens > 0``, at most ``max_tokens`` padded tokens (rows x (longest
-    context + longest response), what :meth:`Trainer._collate` allocates). A sample longer
-    than ``max_tokens`` on its own is a micro-batch by itself."""
-    out: list[list[TrainSample]] = []
-    cur: list[TrainSample] = []
-    c_max = r_max = 0
-    for s in samples:
-        c, r = max(c_max, len(s.context)), max(r_max, len(s.response))
-        if cur and (len(cur) >= max_seqs or (max_tokens > 0 and (len(cur) + 1) * (c + r) > max_tokens)):
-            out.append(cur)
-            cur, c, r = [], len(s.context), len(s.response)
-        cur.append(s)
-        c_max, r_max = c, r
-    if cur:
-        out.append(cur)
-    return out
 
 
 def _rng_to_json(obj):

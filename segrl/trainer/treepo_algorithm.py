@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .. import distributed as segrl_dist
 from ..algos.samples import trajectory_sample
 from ..algos.treepo import (
     normalize_token_advantages,
@@ -108,10 +109,10 @@ class TreePO(Algorithm):
     # ----- advantages -> samples ----------------------------------------------------------
     def samples(self, trees):
         tp, t = self.cfg.treepo, self.cfg.train
-        if not trees:
-            return [], {}
-        idx = tree_subgroups(trees, dedup=tp.dedup_subgroups)
-        if not idx.refs:
+        idx = tree_subgroups(trees, dedup=tp.dedup_subgroups) if trees else None
+        if idx is None or not idx.refs:
+            if tp.normalization == "batch_whiten":  # torchrun: the other ranks wait for this one's sums
+                segrl_dist.global_mean_std(torch.zeros(0))
             return [], {}
         rewards = torch.tensor([float(tr[l].reward) for tr, l in idx.refs], dtype=torch.float64)
         raw = treepo_advantage(
@@ -120,8 +121,10 @@ class TreePO(Algorithm):
             reject_zero_std=tp.reject_zero_std_subgroups,
             include_root=tp.include_root,
         )
+        for (tree, leaf), a in zip(idx.refs, raw.tolist()):
+            tree[leaf].info["advantage"] = float(a)  # saved with the tree: the raw (unnormalised) tree advantage
         if tp.advantage_level == "trajectory":
-            adv = normalize_tree_advantages(raw, tp.normalization, idx.lengths, rewards, idx.group)
+            adv = normalize_tree_advantages(raw, tp.normalization, idx.lengths, rewards, idx.group, stats=segrl_dist.global_mean_std)
             values = adv.tolist()
             out = [
                 trajectory_sample(tree, leaf, float(a), t.mask_truncated_completions, self.rho)
@@ -133,8 +136,10 @@ class TreePO(Algorithm):
             for tree in trees:
                 r = {l: float(tree[l].reward) for l in tree.leaves(include_mc=False)}
                 seg[id(tree)] = treepo_segment_advantages(tree, r)
+                for node, a in seg[id(tree)].items():
+                    tree[node].info["advantage"] = float(a)  # a segment's own credit (leaves: their segment's)
             per_leaf = [segment_token_advantages(tree, leaf, seg[id(tree)]) for tree, leaf in idx.refs]
-            per_leaf = normalize_token_advantages(per_leaf, tp.normalization, rewards, idx.group)
+            per_leaf = normalize_token_advantages(per_leaf, tp.normalization, rewards, idx.group, stats=segrl_dist.global_mean_std)
             out = [
                 trajectory_sample(tree, leaf, a, t.mask_truncated_completions, self.rho)
                 for (tree, leaf), a in zip(idx.refs, per_leaf)
