@@ -6,7 +6,8 @@
 * ``trl``: one GRPO iteration (generation + rewards + loss + optimizer step) of segrl against
   TRL's ``GRPOTrainer`` on the same model, task, batch and completion length.
 
-Timings are wall-clock medians over repeats after a warm-up; the same process runs both.
+Timings are wall-clock medians over repeats after a warm-up; the same process runs both (the
+sampler cases alternate ours and `generate` run by run, so that a drift of the machine hits both).
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ import time
 import torch
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _median_times(fns, repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, run in alternation (so that a drift of the
+    machine's speed hits all of them alike) after one warm-up call each."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[i].append(time.perf_counter() - t)
+    return [statistics.median(x) for x in ts]
 
 
 def _load(model_name: str):
@@ -71,8 +76,7 @@ def bench_sampler(model_name: str = "default", batch: int = 64, new_tokens: int 
                     pad_token_id=tok.pad_token_id,
                 )
 
-        t_ours = _median_time(ours, repeats)
-        t_gen = _median_time(theirs, repeats)
+        t_ours, t_gen = _median_times([ours, theirs], repeats)
         ntok = n_prompts * n_samples * new_tokens
         results.append(
             {
@@ -186,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.threads:
