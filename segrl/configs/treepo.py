@@ -57,7 +57,9 @@ class TreePOConfig:
     token_budget: int = option(0, help="Per-prompt budget of trajectory (response) tokens for budget_mode=tokens.")
     min_width: int = option(2, help="Fewest leaves per prompt in budget_mode=tokens (code: tree_min_width).")
     saturated_fast_path: bool = option(True, help="Once a prompt's tree is saturated (in-flight + finished = width, budget_mode=leaves) no branching or fallback can happen any more, so its open paths are decoded to the end in that round's single engine call and cut into segment nodes afterwards, with the same early-stop rules applied segment by segment. Same trees in distribution, fewer rounds, no KV re-stacking. Off: one segment per round throughout, as in the released code.")
-    max_rounds: int = option(0, help="Safety cap on engine rounds per sampling call (0 = max_depth * (width + 1), never reached in practice).")
+    max_rows_in_flight: int | None = option(None, help="Row capacity of one engine round (continuous batching over prompts, as a vLLM server runs when a batch holds more trajectories than fit at once): prompts are admitted in order while their pending paths fit, every round is one segment (no saturated fast path), and the capacity a prompt frees when its paths finish goes to the next prompts at the next round. None: every prompt at once. Must be >= the width.")
+    max_rounds: int = option(0, help="Safety cap on engine rounds per sampling call (0 = max_depth * (width + 1), times the number of prompts under max_rows_in_flight; never reached in practice).")
+    kv_sharing: str = option("cascade", help="How the engine holds the KV of shared prefixes while growing trees: 'cascade' (segrl.engine.cascade_engine: a prompt or a forked segment is stored once and read once per decode step for all the rows below it; LLaMA-family models, others fall back to 'copy') or 'copy' (segrl.engine.hf_engine: each row has its own DynamicCache copy of its path).", choices=("cascade", "copy"))
     # ----- advantages ----------------------------------------------------------------------
     advantage_aggregation: str = option("average", help="Combine a leaf's sub-group advantages R - mean(R over G_j): 'average' (paper Eq. 5, script, best in the ablation) or 'size' (weighted by |G_j|, Eq. 6; code default).", choices=("average", "size"))
     reject_zero_std_subgroups: bool = option(False, help="Drop sub-groups whose rewards have zero std (paper Eq. 7; code subtree_std_ds; hurts in the ablation).")
@@ -113,6 +115,8 @@ class TreePOConfig:
         if self.width is not None and self.budget_mode == "tokens":
             check(self.min_width <= self.width, f + "min_width", f"must be <= width ({self.width})")
         check(self.max_rounds >= 0, f + "max_rounds", "must be >= 0")
+        if self.max_rows_in_flight is not None:
+            check(self.max_rows_in_flight >= 1, f + "max_rows_in_flight", f"must be >= 1 (or unset), got {self.max_rows_in_flight}")
         check(self.max_extra_rounds >= 0, f + "max_extra_rounds", "must be >= 0")
         check(self.oversample >= 1, f + "oversample", "must be >= 1")
         if self.eval_divergence is not None:

@@ -19,6 +19,8 @@ Counters in :attr:`Engine.stats` show what was prefilled and decoded.
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -55,6 +57,22 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop_strings: Sequence[str] = field(default_factory=tuple)
+
+
+@contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector (the decode loop makes no reference cycles).
+
+    A decode call creates many small objects (token lists, tensor views), and each
+    generation-0 threshold crossing then walks every tracked object, trees included: ~7% of
+    a TreePO sampling run on the embedded model went to collections that found nothing."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class Engine:
@@ -118,6 +136,7 @@ class Engine:
         return [RolloutTree(list(p), group=i, row=r) for i, (p, r) in enumerate(zip(prompts_ids, rows))]
 
     @torch.no_grad()
+    @_gc_paused()
     def extend(
         self,
         refs: Sequence[NodeRef],
@@ -319,13 +338,7 @@ class Engine:
             for b, r in enumerate(alive):
                 toks[r].append(tl[b])
                 lps[r].append(ll[b])
-                reason = None
-                if tl[b] in self.eos_token_ids:
-                    reason = FinishReason.EOS
-                elif self._max_stop_chars and self._may_stop(tl[b]) and self._hit_stop(paths[r], toks[r]):
-                    reason = FinishReason.STOP
-                elif len(toks[r]) >= limits[r]:
-                    reason = FinishReason.SEGMENT
+                reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
                 if reason is None:
                     keep.append(b)
                     continue
@@ -345,6 +358,16 @@ class Engine:
             inp = tok
             pos = pos + 1
         return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
+
+    def _finish_reason(self, tok: int, path: list[int], gen: list[int], limit: int) -> str | None:
+        """Why a row ends after sampling ``tok`` (``gen`` already holds it), or None."""
+        if tok in self.eos_token_ids:
+            return FinishReason.EOS
+        if self._max_stop_chars and self._may_stop(tok) and self._hit_stop(path, gen):
+            return FinishReason.STOP
+        if len(gen) >= limit:
+            return FinishReason.SEGMENT
+        return None
 
     def _may_stop(self, tok: int) -> bool:
         """Whether sampling ``tok`` can complete a stop string: its text holds the last

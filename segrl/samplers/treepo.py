@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..configs.loader import ConfigError
+from ..engine.cascade_engine import CascadeEngine, unsupported_reason
 from ..engine.hf_engine import Engine
 from ..tree import FinishReason, RolloutTree
 
@@ -148,6 +149,8 @@ class TreePOSampler:
             raise ConfigError(f"treepo.min_width: must be <= width ({self.width}), got {tp.min_width}")
         if tp.segment_length <= 0:
             raise ConfigError(f"treepo.segment_length: must be > 0, got {tp.segment_length}")
+        if tp.max_rows_in_flight is not None and tp.max_rows_in_flight < self.width:
+            raise ConfigError(f"treepo.max_rows_in_flight: must be >= the width ({self.width}) so that any prompt's round fits, got {tp.max_rows_in_flight}")
         if tp.fallback_window is not None and tp.fallback_window <= 0:
             raise ConfigError(f"treepo.fallback_window: must be > 0, got {tp.fallback_window}")
         self.order = list(tp.early_stop_order)
@@ -197,16 +200,24 @@ class TreePOSampler:
             k0 = min(k0, self.width)
             states.append(_Prompt(t, self.width, {0: k0}, initial_width=k0))
         decoded0, prefill0 = engine.stats.decode_tokens, engine.stats.prefill_tokens
+        engine = self._engine(engine)
         self.trace = []
-        max_rounds = self.tp.max_rounds or self.tp.max_depth * (self.width + 1) + 1
-        rounds = 0
+        cap = self.tp.max_rows_in_flight
+        max_rounds = self.tp.max_rounds or (self.tp.max_depth * (self.width + 1) + 1) * (len(states) if cap else 1)
+        rounds, admitted = 0, 0
         try:
-            while any(s.pending for s in states):
+            while True:
+                if cap is None:
+                    served = [s for s in states if s.pending]
+                else:
+                    served, admitted = self._admit(states, admitted, cap)
+                if not served:
+                    break
                 if rounds >= max_rounds:
                     self._abort(states)
                     break
                 rounds += 1
-                self._round(engine, states, temperature, g)
+                self._round(engine, served, temperature, g)
                 self.trace.append([(s.in_flight(), len(s.finished)) for s in states])
         finally:
             Engine.release(trees)
@@ -225,6 +236,32 @@ class TreePOSampler:
             m["tree/divergence_temperature"] = temperature
         self.last_metrics = m
         return m
+
+    def _engine(self, engine: Engine) -> Engine:
+        """The engine to grow trees with: a cascade-attention view of ``engine`` (same model,
+        generator and counters) under ``kv_sharing='cascade'`` when the model allows it."""
+        if self.tp.kv_sharing != "cascade" or isinstance(engine, CascadeEngine) or type(engine) is not Engine:
+            return engine
+        if unsupported_reason(engine.model) is not None:
+            return engine
+        return CascadeEngine.from_engine(engine)
+
+    @staticmethod
+    def _admit(states: list[_Prompt], admitted: int, cap: int) -> tuple[list[_Prompt], int]:
+        """Prompts served this round under a row capacity: those already started, oldest
+        first, while their pending paths fit; then new prompts in order. Returns
+        ``(served, number of prompts admitted so far)``."""
+        served, rows = [], 0
+        for s in states[:admitted]:
+            need = s.in_flight()
+            if need and rows + need <= cap:
+                served.append(s)
+                rows += need
+        while admitted < len(states) and rows + states[admitted].in_flight() <= cap:
+            served.append(states[admitted])
+            rows += states[admitted].in_flight()
+            admitted += 1
+        return served, admitted
 
     # ----- one round ---------------------------------------------------------------------
     def _round(self, engine: Engine, states: list[_Prompt], temperature: float, g: torch.Generator) -> None:
@@ -278,6 +315,7 @@ class TreePOSampler:
         """
         return (
             self.tp.saturated_fast_path
+            and self.tp.max_rows_in_flight is None  # capacity freed per segment is reused
             and self.budget_mode == "leaves"
             and s.in_flight() + len(s.finished) == s.width
         )
