@@ -144,6 +144,7 @@ def bench_model(
     task_name: str = "arithmetic",
     engine_kind: str = "cascade",
     max_rows: int | None = None,
+    samplers: tuple[str, ...] | None = None,
 ) -> dict:
     """Run the samplers in alternation; medians per sampler and tree/independent ratios.
 
@@ -168,7 +169,7 @@ def bench_model(
     cls = CascadeEngine if engine_kind == "cascade" else Engine
     engine = cls(model, tok, SamplingParams(1.0, 1.0, 0, tuple(task.stop_strings)), max_batch_size=max_rows or max_batch_size, seed=seed)
     cfg = _cfg(width, max_len, segment_length, max_depth, divergence, initial_width, max_rows, "cascade" if engine_kind == "cascade" else "copy")
-    samplers = SAMPLERS if max_rows else ("independent", "treepo")
+    samplers = tuple(samplers or (SAMPLERS if max_rows else ("independent", "treepo")))
     runs: dict[str, list[dict]] = {s: [] for s in samplers}
     for s in samplers:  # warm-up (not timed)
         _run(engine, prompt_ids[: max(1, prompts // 4)], rows, s, cfg, seed)
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-repeats", type=int, default=0, help="repeats for models other than 'default' (0 = --repeats)")
     p.add_argument("--engine", default="cascade", choices=["cascade", "hf"], help="cascade: shared-prefix KV read once per block (CascadeEngine); hf: one DynamicCache row per trajectory (Engine)")
     p.add_argument("--max-rows", type=int, default=0, help="row capacity per engine round (continuous batching over prompts); 0 = all prompts in one batch")
+    p.add_argument("--samplers", default="", help=f"comma-separated subset of {','.join(SAMPLERS)} (default: all under --max-rows, else independent,treepo)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     import torch
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         depth = a.max_depth or -(-max_len // seg)
         repeats = (a.other_repeats or a.repeats) if big else a.repeats
         task = a.other_task if big else "arithmetic"
-        res = bench_model(name, prompts, a.width, max_len, seg, depth, a.divergence, a.initial_width, repeats, a.max_batch_size, a.seed, task, a.engine, a.max_rows or None)
+        res = bench_model(name, prompts, a.width, max_len, seg, depth, a.divergence, a.initial_width, repeats, a.max_batch_size, a.seed, task, a.engine, a.max_rows or None, tuple(x for x in a.samplers.split(",") if x) or None)
         results.append(res)
         print(format_table(res) + "\n", flush=True)
     if a.json:

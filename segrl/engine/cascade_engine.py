@@ -1,35 +1,41 @@
-"""Tree decoding with cascade attention: shared prefixes are stored and read once.
+"""Tree decoding with multi-level cascade attention: every shared stretch of KV is stored
+once and read once per decode step for all the rows below it.
 
-:class:`Engine` gives every row its own copy of its path's KV (``DynamicCache``), so a tree
-whose 8 leaves share a prompt and a few segments still moves 8 copies of them through memory
-at every decode step, and the cache grows by concatenation. This engine keeps a node's
-state as a *chain of shared blocks* plus a *private tail*:
+:class:`Engine` gives every row its own ``DynamicCache`` copy of its path, so the 16 leaves of
+a TreePO tree move 16 copies of the prompt and of every shared segment through memory at
+every decode step, and the cache grows by concatenation. Here a node's cached state is a
+*chain of blocks* plus a *private tail*:
 
-* a block (a prompt's prefill, or the tokens a node decoded before it forked) is stored
-  once; each decode step reads it once for all the rows below it
-  (:func:`~segrl.engine.cascade_attention.grouped_partial_attention`);
-* a row's private tail lives in a buffer allocated once per :meth:`extend` call and written
-  in place, so nothing is concatenated per step;
-* a node extended with one child hands its tail on (copied once per call); a node extended
-  with k >= 2 children turns its tail into a new shared block (no copy).
+* level 0 is the prefilled context (a prompt, or a fallback cut point's kept prefix);
+* when a state is continued by k >= 2 rows (a fork), its level-1 block (the completion
+  shared up to its previous fork) plus its private tail are copied once into a new level-1
+  block; the rows below it start with empty tails;
+* each decode step attends per level: the distinct blocks of a level are one batched
+  attention whose queries are the rows reading each block
+  (:func:`~segrl.engine.cascade_attention.grouped_partial_attention`), plus one over the
+  private tails; the partials are merged exactly by their log-sum-exp. The KV a step reads is
+  therefore the *distinct* KV of the live trees, not rows x path length;
+* a row's private tail is a row of a pool that outlives the call and is written in place (no
+  concatenation); a state continued by one row hands its tail row on without a copy.
 
 The decode step is a lean re-implementation of the LLaMA-family decoder layer (LLaMA,
 SmolLM2, Qwen2, Mistral without sliding window) that calls the model's own modules (norms,
-projections, LoRA adapters included, MLP, rotary embedding), so its logits equal the
-transformers forward (to ~1e-6, tested). Prefill still runs the transformers forward.
-Other architectures: :func:`unsupported_reason` says why, and callers use :class:`Engine`.
+projections, LoRA adapters included, MLP, rotary embedding), so its log-probs equal the
+transformers forward (to ~1e-5, tested). Prefill runs the transformers forward. Other
+architectures: :func:`unsupported_reason` says why, and callers keep :class:`Engine`.
 """
 
 from __future__ import annotations
 
-import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from ..tree import FinishReason
-from .cascade_attention import NEG, grouped_partial_attention, merge_partials, private_partial_attention
-from .hf_engine import Engine, KVState
+from .cascade_attention import cascade_attention, key_mask
+from .hf_engine import Engine
+from .kv_pool import KVPool, Slot
 from .sampling import sample_tokens
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -45,9 +51,7 @@ def unsupported_reason(model) -> str | None:
     cfg = base.config
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {cfg.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
-    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
-        return "sliding-window attention"
-    if getattr(cfg, "use_sliding_window", False):
+    if getattr(cfg, "sliding_window", None) and (cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)):
         return "sliding-window attention"
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(base, "lm_head"):
@@ -58,103 +62,87 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a LLaMA-style RMSNorm in one fused op (fp32), else the module itself."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or x.dtype != torch.float32 or type(norm).__name__ not in _RMS_NORMS:
+        return norm(x)
+    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, eps)
+
+
+_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
 @dataclass(eq=False)
 class Block:
-    """KV of a run of consecutive positions that several rows share (a prompt, a segment
-    that was forked): per layer ``(K, V)``, each ``[Hkv, n, D]``. ``prev`` is the block
-    before it on the path, so a block also names the whole chain of blocks ending with it."""
+    """KV of one stretch of a path that several rows share, stored once in a row of its
+    level's pool; the row is freed when the last state holding the block is dropped."""
 
-    kv: KVState
-    prev: "Block | None" = None
-    _chain: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def length(self) -> int:
-        return self.kv[0][0].shape[1]
-
-    def chain_kv(self) -> torch.Tensor:
-        """K and V of every layer for the whole chain ending here, token-major
-        ``[T, layers, 2, Hkv, D]`` (one tensor, so a round stacks its chains in one call);
-        built once from the previous block's and kept while the block lives."""
-        if self._chain is None:
-            own = torch.stack([torch.stack(kv) for kv in self.kv]).permute(3, 0, 1, 2, 4)  # [n, L, 2, Hkv, D]
-            self._chain = own.contiguous() if self.prev is None else torch.cat([self.prev.chain_kv(), own])
-        return self._chain
+    level: int
+    slot: Slot
+    length: int
+    _fin: weakref.finalize | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
 class CascadeState:
-    """A node's cached state (its path's KV minus the last token) = a chain of shared blocks
-    (``head`` is its last block) + a private tail: row ``row`` of the per-layer buffers
-    ``buffers``, ``own_len`` positions (kept by reference; views are made only if needed)."""
+    """A node's cached state (its path's KV minus the last token) = shared ``blocks`` (one per
+    level, outermost first) + a private tail in a row of the engine's tail pool (``own_len``
+    positions; ``slot`` None when the tail is empty)."""
 
-    head: Block | None
-    buffers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    row: int = 0
+    blocks: tuple[Block, ...]
+    slot: Slot | None = None
     own_len: int = 0
-    _fork: Block | None = field(default=None, repr=False)
+    _fin: weakref.finalize | None = field(default=None, repr=False)
+    _forked: tuple[Block, ...] | None = field(default=None, repr=False)  # blocks + the tail as a block
 
-    def fork_head(self) -> Block:
-        """The chain head of this state's children when it forks: its tail as a new shared
-        block (one object however many children share it)."""
-        if self._fork is None:
-            n, i = self.own_len, self.row
-            self._fork = Block([(K[i, :, :n], V[i, :, :n]) for K, V in self.buffers], self.head)  # type: ignore[union-attr]
-        return self._fork
-
-
-def as_cascade_state(st) -> CascadeState:
-    if isinstance(st, CascadeState):
-        return st
-    if st is None:  # an empty context (a one-token path)
-        return CascadeState(None)
-    return CascadeState(Block(st))
+    def give_up_slot(self) -> Slot:
+        """Hand the tail row to a new owner (this state no longer holds a tail)."""
+        slot = self.slot
+        if self._fin is not None:
+            self._fin.detach()
+        self.slot, self.own_len, self._fin = None, 0, None
+        return slot  # type: ignore[return-value]
 
 
-class _Shared:
-    """The shared context of one decode call: the distinct block chains, padded into
-    ``[N, Hkv, T, D]`` per layer, and the rows that read each.
+class _Level:
+    """The blocks of one level that a decode call reads, packed into the front rows of that
+    level's pool (attended in place), and which rows read which (grouped queries)."""
 
-    One grouped attention over whole chains, rather than one per block depth, keeps the
-    number of kernel calls per step that of independent sampling (one shared prompt per
-    group): on CPU, per-call overhead outweighs the bytes a per-depth split would save
-    (measured: a per-depth variant was ~20% slower on the embedded model)."""
-
-    def __init__(self, heads: list[Block | None]):
+    def __init__(self, heads: list[Block | None], pool: KVPool):
         order: dict[int, int] = {}
-        uniq: list[Block] = []
-        members: list[list[int]] = []
+        blocks: list[Block] = []
+        readers: list[list[int]] = []
         for r, h in enumerate(heads):
-            if h is None:
-                continue
-            n = order.get(id(h))
-            if n is None:
-                n = order[id(h)] = len(uniq)
-                uniq.append(h)
-                members.append([])
-            members[n].append(r)
-        chains = [h.chain_kv() for h in uniq]
-        lens = [c.shape[0] for c in chains]
-        N, T = len(uniq), max(lens)
-        padded = torch.nn.utils.rnn.pad_sequence(chains, batch_first=True)  # [N, T, L, 2, Hkv, D]
-        self.layers = [
-            (padded[:, :, li, 0].transpose(1, 2).contiguous(), padded[:, :, li, 1].transpose(1, 2).contiguous())
-            for li in range(padded.shape[2])
-        ]
-        dev = padded.device
-        self.bias = torch.where(torch.arange(T)[None, :] < torch.tensor(lens)[:, None], 0.0, NEG).to(dev)
-        B, S = len(heads), max(len(m) for m in members)
-        # members_orig[n, s]: original row in slot s of chain n (B = empty slot);
-        # slot_orig[r]: flat slot of original row r (N * S = no chain: a dummy slot).
+            if h is not None:
+                c = order.get(id(h))
+                if c is None:
+                    c = order[id(h)] = len(blocks)
+                    blocks.append(h)
+                    readers.append([])
+                readers[c].append(r)
+        pool.pack([b.slot for b in blocks])  # the call's blocks in rows [:N], any order
+        N, S = len(blocks), max(len(rs) for rs in readers)
+        by_row = [0] * N
+        for c, b in enumerate(blocks):
+            by_row[b.slot.row] = c
+        blocks = [blocks[c] for c in by_row]
+        readers = [readers[c] for c in by_row]
+        T = max(b.length for b in blocks)
+        self.layers = [(K[:N, :, :T], V[:N, :, :T]) for K, V in zip(pool.K, pool.V)]
+        self.mask = key_mask(torch.tensor([b.length for b in blocks], device=pool.device), T)
+        B = len(heads)
+        self.dummy = N * S  # flat slot of rows that read no block of this level
         flat = [B] * (N * S)
-        slot = [N * S] * B
-        for n, rs in enumerate(members):
+        slot = [self.dummy] * B
+        for c, rs in enumerate(readers):
             for k, r in enumerate(rs):
-                flat[n * S + k] = r
-                slot[r] = n * S + k
+                flat[c * S + k] = r
+                slot[r] = c * S + k
         self.members_orig = torch.tensor(flat).view(N, S)
         self.slot_orig = torch.tensor(slot)
         self.members = self.inverse = None
+        self.partial = True
 
     def index(self, alive: torch.Tensor, device) -> None:
         """Point the slots at the live rows' batch positions (dead rows -> the zero query)."""
@@ -162,17 +150,30 @@ class _Shared:
         pos = torch.full((B + 1,), live, dtype=torch.long)
         pos[alive] = torch.arange(live)
         self.members = pos[self.members_orig].to(device)
-        self.inverse = self.slot_orig[alive].to(device)
+        inv = self.slot_orig[alive]
+        self.partial = bool((inv == self.dummy).any())  # some live row reads no block here
+        self.inverse = inv.to(device)
+
+    def part(self, li: int):
+        """This level's arguments to :func:`cascade_attention` for layer ``li``."""
+        K, V = self.layers[li]
+        return K, V, self.mask, self.members, self.inverse, self.partial
 
 
 class CascadeEngine(Engine):
-    """:class:`Engine` with cascade-attention decoding (same API, same sampling, same RNG).
+    """:class:`Engine` with multi-level cascade-attention decoding (same API, same sampling,
+    same random stream).
 
-    Cached states are :class:`CascadeState` objects; a state inside a longer cached path is
-    not cropped out (such nodes are prefilled instead), so SPO-chain should keep
-    :class:`Engine`. Build one with :meth:`from_engine` to share an engine's generator and
-    counters.
+    Cached states are :class:`CascadeState` objects whose KV lives in pools owned by the
+    engine (one per block level, one for private tails), reused across calls. A state
+    inside a longer cached path is not cropped out (such a node is prefilled instead), so
+    SPO-chain keeps :class:`Engine`. :meth:`from_engine` gives a view of an existing engine
+    (same model, generator and counters).
     """
+
+    #: A state continued by several rows becomes a shared block only if its tail has at least
+    #: this many tokens; a shorter tail is copied into each row's own tail.
+    fork_min_tokens = 1
 
     def __init__(self, model, tokenizer, *args, **kwargs):
         why = unsupported_reason(model)
@@ -182,42 +183,117 @@ class CascadeEngine(Engine):
         base = _base(model)
         self._inner, self._lm_head = base.model, base.lm_head
         attn = self._inner.layers[0].self_attn
-        self._rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self._heads = (base.config.num_attention_heads, base.config.num_key_value_heads, attn.head_dim)
         self._scaling = attn.scaling
+        w = attn.k_proj.weight
+        self._pool_args = (len(self._inner.layers), self._heads[1], self._heads[2], w.dtype, w.device)
+        self._levels: list[KVPool] = []  # level l: the l-th block of states' chains
+        self._fused_cache: dict[int, tuple] = {}
+        D = self._heads[2]
+        self._rot_sign = torch.cat([-torch.ones(D // 2), torch.ones(D - D // 2)]).to(w.device, w.dtype)
+        self._tails = KVPool(*self._pool_args)
+        self._consume = True
 
     @classmethod
     def from_engine(cls, engine: Engine) -> "CascadeEngine":
         """A cascade engine that shares ``engine``'s model, sampling, generator and stats."""
         new = cls(engine.model, engine.tokenizer, engine.params, engine.max_batch_size, eos_token_ids=sorted(engine.eos_token_ids))
-        new.generator, new.stats, new._stop_candidate = engine.generator, engine.stats, engine._stop_candidate
+        new.sync(engine)
         return new
+
+    def sync(self, engine: Engine) -> None:
+        """Take ``engine``'s sampling settings, generator and counters (for a cached view)."""
+        self.params, self.max_batch_size, self.eos_token_ids = engine.params, engine.max_batch_size, engine.eos_token_ids
+        self.generator, self.stats, self._stop_candidate = engine.generator, engine.stats, engine._stop_candidate
+        self._max_stop_chars = engine._max_stop_chars
+
+    def _pool(self, level: int) -> KVPool:
+        while len(self._levels) <= level:
+            self._levels.append(KVPool(*self._pool_args))
+        return self._levels[level]
+
+    def extend(self, refs, max_new_tokens, num_children=1, keep_kv=False, release_sources=True, **node_info):
+        # A source that is released afterwards hands its tail row straight to its (single)
+        # child instead of having it copied.
+        self._consume = release_sources
+        return super().extend(refs, max_new_tokens, num_children, keep_kv, release_sources, **node_info)
 
     def _lookup(self, tree, node):
         return tree.kv.get(node)  # no crops of longer states: the node is prefilled instead
 
+    def _new_block(self, level: int, slot: Slot, length: int) -> Block:
+        blk = Block(level, slot, length)
+        blk._fin = self._pool(level).own(blk, slot)
+        return blk
+
+    def _prefill(self, refs):
+        """Prefill with the transformers forward, then store each context as a level-0 block."""
+        states = []
+        pool = self._pool(0)
+        for kv in super()._prefill(refs):
+            if kv is None:  # an empty context (a one-token path)
+                states.append(CascadeState(()))
+                continue
+            L = kv[0][0].shape[1]
+            pool.reserve(1, L)
+            slot = pool.alloc(1)[0]
+            for li, (k, v) in enumerate(kv):
+                pool.K[li][slot.row, :, :L] = k
+                pool.V[li][slot.row, :, :L] = v
+            pool.lens[slot.row] = L
+            states.append(CascadeState((self._new_block(0, slot, L),)))
+        return states
+
     # ----- one decode call --------------------------------------------------------------
     def _decode(self, rows, limits: list[int], keep_kv: bool):
         B = len(rows)
-        states: dict[int, CascadeState] = {}
+        for _, st, _ in rows:
+            if st is not None and not isinstance(st, CascadeState):
+                raise TypeError(f"CascadeEngine got a cached state of type {type(st).__name__}; states must come from this engine")
         uses: dict[int, int] = {}
         for _, st, _ in rows:
-            states.setdefault(id(st), as_cascade_state(st))
             uses[id(st)] = uses.get(id(st), 0) + 1
-        heads: list[Block | None] = []
-        tails: list[CascadeState | None] = []
-        for _, st, _ in rows:
-            cs = states[id(st)]
-            if uses[id(st)] > 1 and cs.own_len:  # forked: the tail becomes a shared block
-                heads.append(cs.fork_head())
-                tails.append(None)
+        empty = CascadeState(())
+        states = [st if st is not None else empty for _, st, _ in rows]
+        forks = list({id(cs): cs for cs in states if uses[id(cs)] > 1 and cs.own_len >= self.fork_min_tokens and cs._forked is None}.values())
+        self._fork(forks)
+        chains: list[tuple[Block, ...]] = []
+        slots: list[Slot | None] = [None] * B
+        lens0 = [0] * B
+        copies: list[tuple[int, Slot, int]] = []  # (row r, source tail, length)
+        taken: set[int] = set()
+        for r, cs in enumerate(states):
+            if cs._forked is not None:
+                chains.append(cs._forked)  # the tail is a block now: rows start with empty tails
+                continue
+            chains.append(cs.blocks)
+            if not cs.own_len:
+                continue
+            lens0[r] = cs.own_len
+            if self._consume and uses[id(cs)] == 1:
+                slots[r] = cs.give_up_slot()
             else:
-                heads.append(cs.head)
-                tails.append(cs if cs.own_len else None)
-        shared = _Shared(heads) if any(h is not None for h in heads) else None
-        own, lens, zeroed = self._tail_buffers(tails, max(limits))
-        slot = torch.arange(B, device=self.device)  # buffer row of each live row
-        nbuf = B
+                copies.append((r, cs.slot, cs.own_len))  # type: ignore[arg-type]
+                taken.add(id(cs))
+        tails = self._tails
+        fresh = [r for r in range(B) if slots[r] is None]
+        tails.reserve(len(fresh), max(l + n for l, n in zip(lens0, limits)))
+        for r, slot in zip(fresh, tails.alloc(len(fresh))):
+            slots[r] = slot
+        if copies:
+            dst = torch.tensor([slots[r].row for r, _, _ in copies], device=tails.device)  # type: ignore[union-attr]
+            src = torch.tensor([s.row for _, s, _ in copies], device=tails.device)
+            n = max(l for _, _, l in copies)
+            for K, V in zip(tails.K, tails.V):
+                K[dst, :, :n] = K[src, :, :n]
+                V[dst, :, :n] = V[src, :, :n]
+        if self._consume:  # sources copied or forked are not read again: free their tails
+            for cs in {id(cs): cs for cs in states if id(cs) in taken or (cs._forked is not None and cs.slot is not None)}.values():
+                tails.release(cs.give_up_slot())
+        tails.pack(slots)  # type: ignore[arg-type]  (the call's rows are pool rows [:B])
+        trow = torch.tensor([s.row for s in slots])  # type: ignore[union-attr]  pool row of each live row
+        tails.lens[trow] = torch.tensor(lens0)
+        levels = self._levels_for(chains, range(B))
 
         paths = [p for _, _, p in rows]
         inp = torch.tensor([p[-1] for p in paths], device=self.device)
@@ -227,110 +303,166 @@ class CascadeEngine(Engine):
         reasons: list[str | None] = [None] * B
         kvs: list[CascadeState | None] = [None] * B
         alive = list(range(B))
-        if shared is not None:
-            shared.index(torch.tensor(alive), self.device)
+        nbuf = B  # the private attention runs over tail-pool rows [:nbuf]
         prm = self.params
-        for _ in range(max(limits)):
-            T = int(lens[slot].max()) + 1
-            if T > zeroed:  # V must be finite where it is masked (0 * NaN = NaN)
-                for _, V in own:
-                    V[:, :, zeroed:T].zero_()
-                zeroed = T
-            logits = self._step(inp, pos, own, lens, slot, shared, T)
-            tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
-            self.stats.forward_calls += 1
-            self.stats.decode_tokens += len(alive)
-            lens[slot] += 1
-            tl, ll = tok.tolist(), lp.tolist()
-            keep: list[int] = []
-            for b, r in enumerate(alive):
-                toks[r].append(tl[b])
-                lps[r].append(ll[b])
-                reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
-                if reason is None:
-                    keep.append(b)
-                    continue
-                reasons[r] = reason
-                if keep_kv or reason == FinishReason.SEGMENT:
-                    i = int(slot[b])
-                    kvs[r] = CascadeState(heads[r], own, i, int(lens[i]))
-            if len(keep) < len(alive):
-                if not keep:
-                    break
-                kt = torch.tensor(keep, device=self.device)
-                alive = [alive[b] for b in keep]
-                tok, pos, slot = tok.to(self.device)[kt], pos[kt], slot[kt]
-                if 2 * len(alive) <= nbuf:
-                    # Compact the buffers only once half their rows are dead: a copy per
-                    # step that loses a row would cost more than attending over dead rows.
-                    own = [(K.index_select(0, slot), V.index_select(0, slot)) for K, V in own]
-                    lens, nbuf = lens[slot], len(alive)
-                    slot = torch.arange(nbuf, device=self.device)
-                if shared is not None:
-                    shared.index(torch.tensor(alive), self.device)
-            inp = tok.to(self.device)
-            pos = pos + 1
+        try:
+            for _ in range(max(limits)):
+                logits = self._step(inp, pos, trow.to(self.device), nbuf, levels)
+                tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
+                self.stats.forward_calls += 1
+                self.stats.decode_tokens += len(alive)
+                tails.lens[trow] += 1
+                tl, ll = tok.tolist(), lp.tolist()
+                keep: list[int] = []
+                for b, r in enumerate(alive):
+                    toks[r].append(tl[b])
+                    lps[r].append(ll[b])
+                    reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
+                    if reason is None:
+                        keep.append(b)
+                        continue
+                    reasons[r] = reason
+                    slot = slots[r]
+                    slots[r] = None
+                    if keep_kv or reason == FinishReason.SEGMENT:
+                        st = kvs[r] = CascadeState(chains[r], slot, int(tails.lens[slot.row]))  # type: ignore[union-attr]
+                        st._fin = tails.own(st, slot)  # type: ignore[arg-type]
+                    else:
+                        tails.release(slot)  # type: ignore[arg-type]
+                if len(keep) < len(alive):
+                    if not keep:
+                        break
+                    kt = torch.tensor(keep)
+                    alive = [alive[b] for b in keep]
+                    tok, pos = tok[kt], pos[kt.to(self.device)]
+                    at = torch.tensor(alive)
+                    if 2 * len(alive) <= nbuf:
+                        # Half the rows attended are dead: pack the live ones to the front,
+                        # and keep only the blocks that live rows still read.
+                        tails.pack([slots[r] for r in alive])  # type: ignore[misc]
+                        nbuf = len(alive)
+                        levels = self._levels_for(chains, alive)
+                    trow = torch.tensor([slots[r].row for r in alive])  # type: ignore[union-attr]
+                    for lv in levels:
+                        lv.index(at, self.device)
+                inp = tok.to(self.device)
+                pos = pos + 1
+        finally:
+            for r in range(B):  # rows cut short by an error
+                if slots[r] is not None:
+                    tails.release(slots[r])  # type: ignore[arg-type]
         return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
 
-    def _tail_buffers(self, tails: list[CascadeState | None], steps: int):
-        """Per-layer ``[B, Hkv, cap, D]`` buffers holding each row's inherited tail, the
-        tails' lengths, and how many leading positions of V are zeroed."""
-        B = len(tails)
-        Hq, Hkv, D = self._heads
-        lens = [t.own_len if t is not None else 0 for t in tails]
-        cap, n0 = max(lens) + steps, max(lens)
-        ref = self._inner.layers[0].self_attn.k_proj.weight
-        own = [(ref.new_empty(B, Hkv, cap, D), ref.new_empty(B, Hkv, cap, D)) for _ in self._inner.layers]
-        for _, V in own:
-            V[:, :, :n0].zero_()
-        # Copy tails from each source buffer with one gather per layer.
-        by_src: dict[int, tuple[list, list[int], list[int]]] = {}
-        for r, t in enumerate(tails):
-            if t is not None:
-                e = by_src.setdefault(id(t.buffers), (t.buffers, [], []))
-                e[1].append(t.row)
-                e[2].append(r)
-        for bufs, src, dst in by_src.values():
-            n = max(lens[r] for r in dst)
-            si, di = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
-            for (K, V), (Ks, Vs) in zip(own, bufs):
-                K[di, :, :n] = Ks[si, :, :n]
-                V[di, :, :n] = Vs[si, :, :n]
-        return own, torch.tensor(lens, device=self.device), n0
+    def _levels_for(self, chains: list[tuple[Block, ...]], alive) -> list[_Level]:
+        """The levels read by the rows ``alive`` (indices into ``chains``), indexed for them."""
+        alive = list(alive)
+        keep = set(alive)
+        live = [c if r in keep else () for r, c in enumerate(chains)]
+        depth = max(len(c) for c in live)
+        levels = [_Level([c[l] if len(c) > l else None for c in live], self._pool(l)) for l in range(depth)]
+        at = torch.tensor(alive)
+        for lv in levels:
+            lv.index(at, self.device)
+        return levels
 
-    def _step(self, inp, pos, own, lens, slot, shared: _Shared | None, T: int) -> torch.Tensor:
+    def _fork(self, forks: list[CascadeState]) -> None:
+        """Give each forked state a level-1 block = its level-1 block (the completion shared
+        up to its last fork, if any) + its private tail, copied once. Two levels at most:
+        a chain of one block per fork would read each stretch once, but costs one more
+        grouped attention per level and decode step, which outweighs it for short
+        segments; this way a stretch is read at most once per fork below it."""
+        if not forks:
+            return
+        pool, T = self._pool(1), self._tails
+        mids = [cs.blocks[1] if len(cs.blocks) > 1 else None for cs in forks]
+        m = [b.length if b is not None else 0 for b in mids]
+        n = [cs.own_len for cs in forks]
+        F, mmax, nmax = len(forks), max(m), max(n)
+        pool.reserve(F, mmax + nmax)
+        new = pool.alloc(F)
+        dst = torch.tensor([s.row for s in new], device=pool.device)
+        if mmax:  # rows are copied whole up to mmax: past a block's length is masked filler
+            wm = [i for i, b in enumerate(mids) if b is not None]
+            mdst = dst[torch.tensor(wm, device=pool.device)]
+            msrc = torch.tensor([mids[i].slot.row for i in wm], device=pool.device)  # type: ignore[union-attr]
+        # tail j of fork i goes to position m[i] + j of its new block
+        at = (torch.tensor(m)[:, None] + torch.arange(nmax)[None, :]).to(pool.device)
+        src = torch.tensor([cs.slot.row for cs in forks], device=pool.device)[:, None].expand(F, nmax)  # type: ignore[union-attr]
+        j = torch.arange(nmax, device=pool.device)[None, :].expand(F, nmax)
+        drow = dst[:, None].expand(F, nmax)
+        for li in range(len(pool.K)):
+            for P, Tt in ((pool.K[li], T.K[li]), (pool.V[li], T.V[li])):
+                if mmax:
+                    P[mdst, :, :mmax] = P[msrc, :, :mmax]
+                P[drow, :, at] = Tt[src, :, j]
+        for cs, slot, a, b in zip(forks, new, m, n):
+            pool.lens[slot.row] = a + b
+            cs._forked = cs.blocks[:1] + (self._new_block(1, slot, a + b),)
+
+    def _step(self, inp, pos, trow, nbuf: int, levels: list[_Level]) -> torch.Tensor:
         """One decode step for the live rows; returns next-token logits ``[R, V]``.
 
-        ``own[layer]`` are the private-tail buffers (``lens`` positions filled per buffer
-        row), ``slot`` the buffer row of each live row, ``T`` the positions to attend."""
+        ``trow``: each live row's tail-pool row (all within ``[:nbuf]``, the rows attended
+        in place; outputs of dead rows there are dropped); the new token goes at the row's
+        current length. Each level's blocks are attended grouped."""
         Hq, Hkv, D = self._heads
-        R, nbuf = inp.shape[0], lens.shape[0]
-        x = self._inner.embed_tokens(inp[:, None])  # [R, 1, hidden]
-        cos, sin = self._inner.rotary_emb(x, pos[:, None])
-        at = lens[slot]  # where the new token goes in each live row's tail
-        valid = lens.clone()  # keys at or past a buffer row's length are masked
-        valid[slot] = at + 1
-        compact = nbuf == R
+        R = inp.shape[0]
+        tails = self._tails
+        at = tails.lens[trow.cpu()].to(self.device)
+        T = int(at.max()) + 1
+        dense = R == nbuf and bool((trow == torch.arange(R, device=trow.device)).all())
+        valid = tails.lens[:nbuf].to(self.device) + 0
+        valid[trow] = at + 1
+        mask = key_mask(valid, T)  # once per step, for every layer
+        x = self._inner.embed_tokens(inp)  # [R, hidden]
+        cos, sin = self._inner.rotary_emb(x[:, None], pos[:, None])  # [R, 1, D]
+        cos, sin = cos[:, 0, None, :], sin[:, 0, None, :] * self._rot_sign  # rotate_half(x)*sin = roll(x)*sin'
         for li, layer in enumerate(self._inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(R, 1, Hq, D).transpose(1, 2)
-            k = attn.k_proj(h).view(R, 1, Hkv, D).transpose(1, 2)
-            v = attn.v_proj(h).view(R, Hkv, D)
-            q, k = self._rope(q, k, cos, sin)
-            q = q[:, :, 0]  # [R, Hq, D]
-            K, V = own[li]
-            K[slot, :, at] = k[:, :, 0]
-            V[slot, :, at] = v
-            qb = q if compact else q.new_zeros(nbuf, Hq, D).index_copy_(0, slot, q)
-            o, m, l = private_partial_attention(qb, K[:, :, :T], V[:, :, :T], valid, self._scaling)
-            parts = [(o, m, l) if compact else (o[slot], m[slot], l[slot])]
-            if shared is not None:
-                Ks, Vs = shared.layers[li]
-                qpad = torch.cat([q, q.new_zeros(1, Hq, D)])
-                o, m, l = grouped_partial_attention(qpad, Ks, Vs, shared.bias, shared.members, self._scaling)
-                parts.append((o[shared.inverse], m[shared.inverse], l[shared.inverse]))
-            out = merge_partials(parts).to(x.dtype).reshape(R, 1, Hq * D)
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self._lm_head(self._inner.norm(x))[:, 0]
+            h = _rms_norm(layer.input_layernorm, x)
+            qkv, gate_up = self._fused(li, layer)
+            if qkv is not None:
+                qkv = torch.nn.functional.linear(h, *qkv)
+            else:
+                qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], -1)
+            qk = qkv[:, : (Hq + Hkv) * D].view(R, Hq + Hkv, D)
+            qk = qk * cos + torch.roll(qk, D // 2, -1) * sin  # rotary embedding of q and k at once
+            q = qk[:, :Hq] * self._scaling  # [R, Hq, D]
+            K, V = tails.K[li], tails.V[li]
+            K[trow, :, at] = qk[:, Hq:]
+            V[trow, :, at] = qkv[:, (Hq + Hkv) * D :].view(R, Hkv, D)
+            private = (K[:nbuf, :, :T], V[:nbuf, :, :T], mask, None if dense else trow)
+            o = cascade_attention(q, private, [lv.part(li) for lv in levels])
+            x = x + attn.o_proj(o.to(x.dtype).reshape(R, Hq * D))
+            h = _rms_norm(layer.post_attention_layernorm, x)
+            if gate_up is not None:
+                g, u = torch.nn.functional.linear(h, gate_up).chunk(2, -1)
+                x = x + layer.mlp.down_proj(layer.mlp.act_fn(g) * u)
+            else:
+                x = x + layer.mlp(h)
+        return self._lm_head(_rms_norm(self._inner.norm, x))
+
+    def _fused(self, li: int, layer):
+        """``((W_qkv, b_qkv), W_gate_up)`` concatenated from the layer's plain ``nn.Linear``
+        projections (one matrix product instead of three / two per decode step), or None
+        where they are wrapped (LoRA) or differ. Rebuilt when any weight changes (the
+        optimizer's in-place updates bump the tensors' version counters)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        lin = torch.nn.Linear
+        qkv_mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+        gu_mods = (getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None))
+        ok_qkv = all(type(m) is lin for m in qkv_mods) and len({m.bias is None for m in qkv_mods}) == 1
+        ok_gu = all(type(m) is lin and m.bias is None for m in gu_mods) and hasattr(mlp, "act_fn") and hasattr(mlp, "down_proj")
+        params = [p for m in qkv_mods + gu_mods if isinstance(m, torch.nn.Module) for p in m.parameters(recurse=False)]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        hit = self._fused_cache.get(li)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            qkv = None
+            if ok_qkv:
+                b = None if attn.q_proj.bias is None else torch.cat([m.bias for m in qkv_mods])
+                qkv = (torch.cat([m.weight for m in qkv_mods]), b)
+            gu = torch.cat([m.weight for m in gu_mods]) if ok_gu else None
+        self._fused_cache[li] = (key, (qkv, gu))
+        return qkv, gu

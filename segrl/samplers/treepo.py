@@ -96,6 +96,9 @@ def has_repetition(text: str, substring: int = 32, count: int = 8) -> bool:
     return any(text.count(g) >= count for g, c in grams.items() if c >= count)
 
 
+_MAX_TOKEN_CHARS: dict[int, int] = {}
+
+
 @dataclass
 class _Prompt:
     """Sampling state of one prompt's tree."""
@@ -244,7 +247,12 @@ class TreePOSampler:
             return engine
         if unsupported_reason(engine.model) is not None:
             return engine
-        return CascadeEngine.from_engine(engine)
+        view = getattr(engine, "_cascade_view", None)
+        if view is None or view.model is not engine.model:
+            # Kept on the engine: its KV pools are reused by every later round and step.
+            view = engine._cascade_view = CascadeEngine.from_engine(engine)
+        view.sync(engine)
+        return view
 
     @staticmethod
     def _admit(states: list[_Prompt], admitted: int, cap: int) -> tuple[list[_Prompt], int]:
@@ -399,9 +407,24 @@ class TreePOSampler:
                 if node.depth >= self.tp.max_depth:
                     return FinishReason.DEPTH
             elif rule == "repetition":
-                if has_repetition(self._decode(node.token_ids), self.tp.repetition_substring, self.tp.repetition_count):
+                # Decode only a segment that can be long enough to hold the repeats.
+                if len(node.token_ids) * self._max_token_chars() >= self.tp.repetition_substring * self.tp.repetition_count and has_repetition(
+                    self._decode(node.token_ids), self.tp.repetition_substring, self.tp.repetition_count
+                ):
                     return FinishReason.REPETITION
         return None
+
+    def _max_token_chars(self) -> int:
+        """An upper bound on the characters one token decodes to (the longest vocabulary
+        entry: byte-level and sentencepiece pieces spell each byte with one character)."""
+        n = _MAX_TOKEN_CHARS.get(id(self._tok))
+        if n is None:
+            try:
+                n = max(len(t) for t in self._tok.get_vocab())
+            except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary: always decode
+                n = 1 << 30
+            _MAX_TOKEN_CHARS[id(self._tok)] = n
+        return n
 
     # ----- branching -------------------------------------------------------------------------
     def _width(self, s: _Prompt) -> int:

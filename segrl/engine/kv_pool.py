@@ -1,0 +1,127 @@
+"""Rows of KV storage that outlive one decode call (a paged-attention pool, one page per row).
+
+A pool holds, per layer, ``K`` and ``V`` of shape ``[rows, Hkv, positions, D]``. Each row in
+use is held through a :class:`Slot` by one owner (a cached node state, a shared block of a
+tree, or a running decode call); a ``weakref.finalize`` frees the row when its owner dies
+(dropped from ``tree.kv``), so rows are reused across calls without the caller freeing
+anything. The pool grows (doubling) when it runs out of rows or positions.
+
+A decode call first :meth:`KVPool.pack` s its rows to the front: it then attends over
+``K[:n]`` in place, with no gather and no rows of other owners in the way. Packing moves only rows that are out of place (a TreePO round continues most paths in
+the rows they already occupy), so nothing is copied between rounds but forks and stragglers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import weakref
+
+import torch
+
+
+class Slot:
+    """A handle on one pool row; the row index changes when the pool packs."""
+
+    __slots__ = ("row", "__weakref__")
+
+    def __init__(self, row: int):
+        self.row = row
+
+
+class KVPool:
+    """Per-layer ``[rows, Hkv, positions, D]`` K/V storage with a free list.
+
+    V starts zeroed and is only ever written with finite values, so a row's unused
+    positions hold finite numbers: masked attention weights (exactly 0) times them are 0.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device):
+        self.shape = (layers, kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.K: list[torch.Tensor] = []
+        self.V: list[torch.Tensor] = []
+        self.rows = 0
+        self.positions = 0
+        self.free: list[int] = []  # a heap: the lowest free rows are handed out first
+        self.holders: list[Slot | None] = []
+        self.lens = torch.zeros(0, dtype=torch.long)  # valid positions per row
+
+    def reserve(self, rows: int, positions: int) -> None:
+        """Make room for ``rows`` more rows (beyond the free ones) of ``positions`` positions."""
+        need_rows = max(0, rows - len(self.free))
+        if need_rows == 0 and positions <= self.positions:
+            return
+        new_rows = max(self.rows + need_rows, 2 * self.rows) if need_rows else self.rows
+        new_pos = self.positions if positions <= self.positions else max(positions, 2 * self.positions)
+        L, H, D = self.shape
+        for i in range(L):
+            for store in (self.K, self.V):
+                t = torch.zeros(new_rows, H, new_pos, D, dtype=self.dtype, device=self.device)
+                if i < len(store):
+                    t[: self.rows, :, : self.positions] = store[i]
+                    store[i] = t
+                else:
+                    store.append(t)
+        for r in range(self.rows, new_rows):
+            heapq.heappush(self.free, r)
+        self.holders.extend([None] * (new_rows - self.rows))
+        self.lens = torch.cat([self.lens, torch.zeros(new_rows - self.rows, dtype=torch.long)])
+        self.rows, self.positions = new_rows, new_pos
+
+    def alloc(self, n: int) -> list[Slot]:
+        if n > len(self.free):
+            raise RuntimeError(f"KV pool: {n} rows asked, {len(self.free)} free (call reserve first)")
+        out = []
+        for _ in range(n):
+            s = Slot(heapq.heappop(self.free))
+            self.holders[s.row] = s
+            self.lens[s.row] = 0
+            out.append(s)
+        return out
+
+    def release(self, slot: Slot) -> None:
+        if self.holders[slot.row] is slot:
+            self.holders[slot.row] = None
+            heapq.heappush(self.free, slot.row)
+
+    def own(self, owner, slot: Slot) -> weakref.finalize:
+        """Tie ``slot`` to ``owner``: its row is freed when ``owner`` is garbage collected."""
+        fin = weakref.finalize(owner, self.release, slot)
+        fin.atexit = False
+        return fin
+
+    def pack(self, slots: list[Slot]) -> None:
+        """Move the rows of ``slots`` into ``[0, len(slots))`` (in any order), moving as few
+        rows as possible: only slots beyond the front move, into front rows that are free
+        or whose holders (other owners) move out to the rows vacated. All moves are one
+        gather + one scatter per layer (every source is read before any write)."""
+        n = len(slots)
+        outside = [s for s in slots if s.row >= n]
+        if not outside:
+            return
+        mine = {id(s) for s in slots}
+        holes = [r for r in range(n) if self.holders[r] is None or id(self.holders[r]) not in mine]
+        evict = [self.holders[r] for r in holes if self.holders[r] is not None]
+        vacated = [s.row for s in outside]
+        src = [s.row for s in outside] + [h.row for h in evict]  # type: ignore[union-attr]
+        dst = holes[: len(outside)] + vacated[: len(evict)]
+        si, di = torch.tensor(src), torch.tensor(dst)
+        lens = self.lens[si].clone()
+        # Only positions in use move (a fresh row has none): rows are reused, so what lies
+        # past a row's length is finite filler that attention masks out.
+        used = lens > 0
+        n = int(lens.max()) if bool(used.any()) else 0
+        if n:
+            sd, dd = si[used].to(self.device), di[used].to(self.device)
+            for store in (self.K, self.V):
+                for t in store:
+                    t[dd, :, :n] = t[sd, :, :n]
+        self.lens[di] = lens
+        moved = outside + evict
+        for h in moved:
+            self.holders[h.row] = None  # type: ignore[union-attr]
+        for h, r in zip(moved, dst):
+            h.row = r  # type: ignore[union-attr]
+            self.holders[r] = h
+        self.free = [r for r, h in enumerate(self.holders) if h is None]
+        heapq.heapify(self.free)

@@ -1,0 +1,184 @@
+"""Multi-level cascade-attention engine: exact against the transformers forward and against
+:class:`Engine` (same tokens from the same seed), KV pool bookkeeping, and the TreePO
+sampler's use of it (kv_sharing, row capacity)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from segrl.engine.cascade_attention import cascade_attention, key_mask
+from segrl.engine.cascade_engine import CascadeEngine, unsupported_reason
+from segrl.engine.hf_engine import Engine, SamplingParams
+from segrl.engine.kv_pool import KVPool
+from segrl.samplers.treepo import TreePOSampler
+from segrl.tree import FinishReason
+
+from test_engine import full_forward_logprobs
+from test_treepo_sampler import TOK, make_cfg, prompts
+from test_treepo_sampler import model as model  # noqa: F401  (module fixture)
+
+
+def grow(eng, prompt_ids):
+    """Root -> 3 children -> 2 each -> 1 each -> 3 each: forks at three depths, a chain
+    continued by a single child in between, different prompt lengths."""
+    trees = eng.new_trees(prompt_ids)
+    lv1 = [c for kids in eng.extend([(t, 0) for t in trees], 6, 3) for c in kids]
+    lv2 = [c for kids in eng.extend(lv1, 5, 2) for c in kids]
+    lv3 = [c for kids in eng.extend(lv2, 5, 1) for c in kids]
+    eng.extend(lv3, 4, 3)
+    return trees
+
+
+def test_cascade_logprobs_match_full_forward(tiny_model, char_tok):
+    eng = CascadeEngine(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=7, eos_token_ids=[])
+    trees = grow(eng, [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    assert eng.stats.prefill_tokens == 3 + 1 + 8  # each prompt prefilled once, nothing after
+    assert eng.stats.decode_tokens == 3 * (3 * 6 + 6 * 5 + 6 * 5 + 18 * 4)
+    assert len(eng._levels) == 2  # prompts, and the forked completions
+    n = 0
+    for t in trees:
+        assert len(t.leaves()) == 18
+        for leaf in t.leaves():
+            ref = full_forward_logprobs(tiny_model, t, leaf)
+            assert torch.allclose(ref, torch.tensor(t.path_logprobs(leaf)), atol=1e-4)
+            n += 1
+    assert n == 54
+
+
+def test_cascade_samples_the_same_tokens_as_engine(tiny_model, char_tok):
+    out = []
+    for cls in (Engine, CascadeEngine):
+        eng = cls(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=3)  # EOS on: rows end early
+        trees = grow(eng, [[2, 5, 6, 7], [2, 9, 9]])
+        out.append([[t[i].token_ids for i in range(len(t))] for t in trees])
+        out.append([[t[i].finish_reason for i in range(len(t))] for t in trees])
+    assert out[0] == out[2] and out[1] == out[3]
+
+
+def test_pool_rows_are_freed_with_the_trees(tiny_model, char_tok):
+    eng = CascadeEngine(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=1, eos_token_ids=[])
+    trees = grow(eng, [[2, 5, 6, 7], [2, 9]])
+    pools = [eng._tails, *eng._levels]
+    assert any(len(p.free) < p.rows for p in pools)  # the last level's states hold rows
+    Engine.release(trees)
+    gc.collect()
+    assert all(len(p.free) == p.rows for p in pools)
+    rows = [p.rows for p in pools]
+    grow(eng, [[2, 5, 6, 7], [2, 9]])  # a second run of the same size reuses the rows
+    assert [p.rows for p in pools] == rows
+
+
+def test_kv_pool_pack_moves_used_positions():
+    pool = KVPool(layers=2, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    pool.reserve(4, 3)
+    a, b, c, d = pool.alloc(4)
+    for s, n in ((a, 1), (c, 2), (d, 3)):
+        for li in range(2):
+            pool.K[li][s.row, :, :n] = float(10 * s.row + li + 1)
+        pool.lens[s.row] = n
+    before = {id(s): (pool.K[1][s.row].clone(), int(pool.lens[s.row])) for s in (c, d)}
+    pool.release(a)
+    pool.release(b)
+    pool.pack([c, d])  # rows 2 and 3 move into the freed rows 0 and 1
+    assert sorted([c.row, d.row]) == [0, 1]
+    for s in (c, d):
+        k, n = before[id(s)]
+        assert int(pool.lens[s.row]) == n
+        assert torch.equal(pool.K[1][s.row, :, :n], k[:, :n])
+
+
+def test_cascade_attention_equals_plain_softmax_attention():
+    """Private keys + a grouped level (some rows read no block) == softmax over each row's
+    concatenated keys, with GQA (4 query heads over 2 KV heads)."""
+    torch.manual_seed(0)
+    R, Hq, Hkv, D = 5, 4, 2, 8
+    q = torch.randn(R, Hq, D)
+    lens = torch.tensor([3, 1, 4, 2, 2])
+    n = 6  # buffer rows: query r owns buffer row rows[r]; buffer row 5 is unused
+    rows = torch.tensor([4, 0, 2, 1, 3])
+    K, V = torch.randn(n, Hkv, 4, D), torch.randn(n, Hkv, 4, D)
+    valid = torch.zeros(n, dtype=torch.long)
+    valid[rows] = lens
+    blocks_K, blocks_V = torch.randn(2, Hkv, 3, D), torch.randn(2, Hkv, 3, D)
+    blen = torch.tensor([3, 2])
+    reads = [0, 1, None, 0, 1]  # row 2 reads no block
+    members = torch.tensor([[0, 3], [1, 4]])
+    inverse = torch.tensor([0, 2, 4, 1, 3])  # slots; 4 = N*S: no block
+    out = cascade_attention(q, (K, V, key_mask(valid, 4), rows), [(blocks_K, blocks_V, key_mask(blen, 3), members, inverse, True)])
+    for r in range(R):
+        keys = [K[rows[r], :, : lens[r]]]
+        vals = [V[rows[r], :, : lens[r]]]
+        if reads[r] is not None:
+            keys.insert(0, blocks_K[reads[r], :, : blen[reads[r]]])
+            vals.insert(0, blocks_V[reads[r], :, : blen[reads[r]]])
+        k, v = torch.cat(keys, 1), torch.cat(vals, 1)  # [Hkv, T, D]
+        k, v = k.repeat_interleave(Hq // Hkv, 0), v.repeat_interleave(Hq // Hkv, 0)
+        ref = torch.softmax(q[r][:, None, :] @ k.transpose(-1, -2), -1) @ v
+        assert torch.allclose(out[r], ref[:, 0], atol=1e-5)
+
+
+def test_unsupported_models_keep_the_copy_engine(char_tok):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert "gpt2" in unsupported_reason(gpt2)
+    with pytest.raises(ValueError, match="cannot decode this model"):
+        CascadeEngine(gpt2, char_tok)
+    eng = Engine(gpt2, char_tok, SamplingParams(temperature=1.0), seed=0, eos_token_ids=[])
+    cfg = make_cfg(max_len=8, segment_length=4, max_depth=2, width=4)
+    trees = eng.new_trees([[1, 5, 6]])
+    TreePOSampler(cfg).grow(eng, trees)
+    assert len(trees[0].leaves()) == 4 and not hasattr(eng, "_cascade_view")
+
+
+def test_treepo_trees_are_the_same_with_cascade_and_copy(model):  # noqa: F811
+    trees = {}
+    for sharing in ("cascade", "copy"):
+        eng = Engine(model, TOK, SamplingParams(temperature=1.0), seed=5)
+        cfg = make_cfg(max_len=24, segment_length=4, max_depth=6, width=8, kv_sharing=sharing)
+        trees[sharing] = eng.new_trees(prompts(3))
+        TreePOSampler(cfg).grow(eng, trees[sharing])
+        assert hasattr(eng, "_cascade_view") == (sharing == "cascade")
+    for a, b in zip(trees["cascade"], trees["copy"]):
+        assert [a[i].token_ids for i in range(len(a))] == [b[i].token_ids for i in range(len(b))]
+        assert [a[i].parent for i in range(len(a))] == [b[i].parent for i in range(len(b))]
+
+
+@pytest.mark.parametrize("cap", [8, 12, 20])
+def test_row_capacity_bounds_every_round(model, cap):  # noqa: F811
+    """Under max_rows_in_flight every round decodes at most ``cap`` rows, prompts are
+    served as capacity frees up, and every prompt still ends with exactly ``width`` leaves."""
+    cfg = make_cfg(max_len=24, segment_length=4, max_depth=6, width=8, max_rows_in_flight=cap)
+    eng = Engine(model, TOK, SamplingParams(temperature=1.0), seed=2)
+    view_calls = []
+    s = TreePOSampler(cfg)
+    orig = CascadeEngine._decode
+
+    def spy(self, rows, limits, keep_kv):
+        view_calls.append(len(rows))
+        return orig(self, rows, limits, keep_kv)
+
+    CascadeEngine._decode = spy
+    try:
+        trees = eng.new_trees(prompts(5))
+        s.grow(eng, trees)
+    finally:
+        CascadeEngine._decode = orig
+    assert max(view_calls) <= cap
+    assert len(view_calls) > 6  # 5 prompts of up to 8 rows do not fit in one round
+    for t in trees:
+        t.validate()
+        assert len(t.leaves()) == 8
+        assert all(t[l].finish_reason in FinishReason.COMPLETED | FinishReason.TRUNCATED for l in t.leaves())
+    for rnd in s.trace:
+        assert all(f + i <= 8 for i, f in rnd)
+
+
+def test_row_capacity_below_width_is_rejected():
+    from segrl.configs import ConfigError
+
+    with pytest.raises(ConfigError, match="max_rows_in_flight"):
+        TreePOSampler(make_cfg(width=8, max_rows_in_flight=4))
