@@ -88,10 +88,25 @@ def _cfg(width: int, max_len: int, segment_length: int, max_depth: int, divergen
 
 
 #: The samplers compared. 'independent': every prompt's leaves in one engine call (static
-#: batches of at most max_batch_size rows); 'independent_rounds': the same leaves as a
+#: batches of at most max_batch_size rows) on the cascade engine (the prompt's KV read once
+#: for its samples); 'independent_copy': the same on :class:`Engine` (a DynamicCache row per
+#: sample, what ``segrl train --algo grpo`` uses); 'independent_rounds': the same leaves as a
 #: degenerate tree (all leaves start at the prompt, one child per path per round) run by the
 #: TreePO scheduler, i.e. independent sampling with the tree's continuous batching.
-SAMPLERS = ("independent", "independent_rounds", "treepo")
+SAMPLERS = ("independent", "independent_copy", "independent_rounds", "treepo")
+
+
+def _copy_engine(engine):
+    """A plain :class:`Engine` on ``engine``'s model, sharing its generator and counters."""
+    from .engine.hf_engine import Engine
+
+    if type(engine) is Engine:
+        return engine
+    eng = engine.__dict__.get("_copy")
+    if eng is None:
+        eng = engine._copy = Engine(engine.model, engine.tokenizer, engine.params, engine.max_batch_size, eos_token_ids=sorted(engine.eos_token_ids))
+    eng.generator, eng.stats = engine.generator, engine.stats
+    return eng
 
 
 def _run(engine, prompt_ids, rows, sampler: str, cfg, seed: int) -> dict:
@@ -111,6 +126,8 @@ def _run(engine, prompt_ids, rows, sampler: str, cfg, seed: int) -> dict:
         flat.treepo.initial_width = flat.treepo.width
         flat.treepo.divergence = 1
         TreePOSampler(flat).grow(engine, trees)
+    elif sampler == "independent_copy":
+        sample_groups(_copy_engine(engine), trees, cfg.treepo.width, cfg.sampling.max_completion_length)
     else:
         sample_groups(engine, trees, cfg.treepo.width, cfg.sampling.max_completion_length)
     wall = time.perf_counter() - t0
@@ -169,7 +186,7 @@ def bench_model(
     cls = CascadeEngine if engine_kind == "cascade" else Engine
     engine = cls(model, tok, SamplingParams(1.0, 1.0, 0, tuple(task.stop_strings)), max_batch_size=max_rows or max_batch_size, seed=seed)
     cfg = _cfg(width, max_len, segment_length, max_depth, divergence, initial_width, max_rows, "cascade" if engine_kind == "cascade" else "copy")
-    samplers = tuple(samplers or (SAMPLERS if max_rows else ("independent", "treepo")))
+    samplers = tuple(samplers or (SAMPLERS if max_rows else ("independent", "independent_copy", "treepo")))
     runs: dict[str, list[dict]] = {s: [] for s in samplers}
     for s in samplers:  # warm-up (not timed)
         _run(engine, prompt_ids[: max(1, prompts // 4)], rows, s, cfg, seed)
@@ -224,7 +241,7 @@ def format_table(res: dict) -> str:
         ("decoded tokens/s", "{:.0f}", "decoded_per_s"),
         ("trajectory tokens/s", "{:.0f}", "traj_tokens_per_s"),
     ]
-    names = {"independent": "independent", "independent_rounds": "indep.rounds", "treepo": "treepo"}
+    names = {"independent": "independent", "independent_copy": "indep.copy", "independent_rounds": "indep.rounds", "treepo": "treepo"}
     lines = [head, f"{'':22s}" + "".join(f"{names[s]:>14s}" for s in samplers) + f"{'tree/' + names[base][:7]:>14s}"]
     for label, fmt, k in cols:
         a, b = res[base][k], res["treepo"][k]
@@ -241,8 +258,8 @@ def format_table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m segrl.bench_treepo", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="default,smollm2-135m", help="comma-separated model names (unavailable ones are skipped)")
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--width", type=int, default=8, help="leaves per prompt (both samplers)")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--width", type=int, default=16, help="leaves per prompt (both samplers; 16 = the paper's width)")
     p.add_argument("--max-len", type=int, default=64, help="token budget per trajectory (both samplers)")
     p.add_argument("--segment-length", type=int, default=8)
     p.add_argument("--max-depth", type=int, default=0, help="default: ceil(max_len / segment_length)")
@@ -250,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--initial-width", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch-size", type=int, default=512)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--other-prompts", type=int, default=0, help="prompts for models other than 'default' (0 = --prompts // 4)")
+    p.add_argument("--other-samplers", default="independent,treepo", help="samplers for models other than 'default' (the copy engine's baseline is slow there)")
     p.add_argument("--other-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
     p.add_argument("--other-task", default="gsm8k", help="prompts for models other than 'default' (the embedded model always uses arithmetic)")
     p.add_argument("--other-segment-length", type=int, default=0, help="segment length for models other than 'default' (0 = --segment-length)")
@@ -278,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         depth = a.max_depth or -(-max_len // seg)
         repeats = (a.other_repeats or a.repeats) if big else a.repeats
         task = a.other_task if big else "arithmetic"
-        res = bench_model(name, prompts, a.width, max_len, seg, depth, a.divergence, a.initial_width, repeats, a.max_batch_size, a.seed, task, a.engine, a.max_rows or None, tuple(x for x in a.samplers.split(",") if x) or None)
+        samplers = a.other_samplers if big and not a.samplers else a.samplers
+        res = bench_model(name, prompts, a.width, max_len, seg, depth, a.divergence, a.initial_width, repeats, a.max_batch_size, a.seed, task, a.engine, a.max_rows or None, tuple(x for x in samplers.split(",") if x) or None)
         results.append(res)
         print(format_table(res) + "\n", flush=True)
     if a.json:

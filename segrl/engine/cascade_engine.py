@@ -1,5 +1,5 @@
-"""Tree decoding with multi-level cascade attention: every shared stretch of KV is stored
-once and read once per decode step for all the rows below it.
+"""Tree decoding with cascade attention: a prompt's KV is stored once and read once per
+decode step for all its rows, and the completion shared at a fork once for the rows below it.
 
 :class:`Engine` gives every row its own ``DynamicCache`` copy of its path, so the 16 leaves of
 a TreePO tree move 16 copies of the prompt and of every shared segment through memory at
@@ -10,11 +10,10 @@ every decode step, and the cache grows by concatenation. Here a node's cached st
 * when a state is continued by k >= 2 rows (a fork), its level-1 block (the completion
   shared up to its previous fork) plus its private tail are copied once into a new level-1
   block; the rows below it start with empty tails;
-* each decode step attends per level: the distinct blocks of a level are one batched
-  attention whose queries are the rows reading each block
-  (:func:`~segrl.engine.cascade_attention.grouped_partial_attention`), plus one over the
-  private tails; the partials are merged exactly by their log-sum-exp. The KV a step reads is
-  therefore the *distinct* KV of the live trees, not rows x path length;
+* each decode step scores each row against its private tail and, grouped by block, against
+  the blocks it reads (one batched product per level), then takes one softmax over the union
+  (:func:`~segrl.engine.cascade_attention.cascade_attention`). The KV a step reads is thus
+  close to the *distinct* KV of the live trees, not rows x path length;
 * a row's private tail is a row of a pool that outlives the call and is written in place (no
   concatenation); a state continued by one row hands its tail row on without a copy.
 
@@ -312,19 +311,11 @@ class CascadeEngine(Engine):
                 self.stats.forward_calls += 1
                 self.stats.decode_tokens += len(alive)
                 tails.lens[trow] += 1
-                tl, ll = tok.tolist(), lp.tolist()
-                keep: list[int] = []
-                for b, r in enumerate(alive):
-                    toks[r].append(tl[b])
-                    lps[r].append(ll[b])
-                    reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
-                    if reason is None:
-                        keep.append(b)
-                        continue
-                    reasons[r] = reason
+                keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)
+                for _, r in ended:
                     slot = slots[r]
                     slots[r] = None
-                    if keep_kv or reason == FinishReason.SEGMENT:
+                    if keep_kv or reasons[r] == FinishReason.SEGMENT:
                         st = kvs[r] = CascadeState(chains[r], slot, int(tails.lens[slot.row]))  # type: ignore[union-attr]
                         st._fin = tails.own(st, slot)  # type: ignore[arg-type]
                     else:
@@ -378,23 +369,28 @@ class CascadeEngine(Engine):
         m = [b.length if b is not None else 0 for b in mids]
         n = [cs.own_len for cs in forks]
         F, mmax, nmax = len(forks), max(m), max(n)
-        pool.reserve(F, mmax + nmax)
+        pool.reserve(F, mmax + nmax)  # (copies run nmax past a shorter tail: masked filler)
         new = pool.alloc(F)
         dst = torch.tensor([s.row for s in new], device=pool.device)
         if mmax:  # rows are copied whole up to mmax: past a block's length is masked filler
             wm = [i for i, b in enumerate(mids) if b is not None]
             mdst = dst[torch.tensor(wm, device=pool.device)]
             msrc = torch.tensor([mids[i].slot.row for i in wm], device=pool.device)  # type: ignore[union-attr]
-        # tail j of fork i goes to position m[i] + j of its new block
-        at = (torch.tensor(m)[:, None] + torch.arange(nmax)[None, :]).to(pool.device)
-        src = torch.tensor([cs.slot.row for cs in forks], device=pool.device)[:, None].expand(F, nmax)  # type: ignore[union-attr]
-        j = torch.arange(nmax, device=pool.device)[None, :].expand(F, nmax)
-        drow = dst[:, None].expand(F, nmax)
+        # A fork's tail goes after its level-1 part: one slice copy per distinct offset.
+        by_offset: dict[int, list[int]] = {}
+        for i, a in enumerate(m):
+            by_offset.setdefault(a, []).append(i)
+        moves = []
+        for a, idx in by_offset.items():
+            it = torch.tensor(idx, device=pool.device)
+            src = torch.tensor([forks[i].slot.row for i in idx], device=pool.device)  # type: ignore[union-attr]
+            moves.append((a, dst[it], src))
         for li in range(len(pool.K)):
             for P, Tt in ((pool.K[li], T.K[li]), (pool.V[li], T.V[li])):
                 if mmax:
                     P[mdst, :, :mmax] = P[msrc, :, :mmax]
-                P[drow, :, at] = Tt[src, :, j]
+                for a, d, src in moves:
+                    P[d, :, a : a + nmax] = Tt[src, :, :nmax]
         for cs, slot, a, b in zip(forks, new, m, n):
             pool.lens[slot.row] = a + b
             cs._forked = cs.blocks[:1] + (self._new_block(1, slot, a + b),)

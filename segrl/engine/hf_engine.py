@@ -333,17 +333,9 @@ class Engine:
             cache = out.cache
             tok, lp = sample_tokens(out.logits[:, -1].cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
             self.stats.decode_tokens += len(alive)
-            tl, ll = tok.tolist(), lp.tolist()
-            keep: list[int] = []
-            for b, r in enumerate(alive):
-                toks[r].append(tl[b])
-                lps[r].append(ll[b])
-                reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
-                if reason is None:
-                    keep.append(b)
-                    continue
-                reasons[r] = reason
-                if keep_kv or reason == FinishReason.SEGMENT:
+            keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)
+            for b, r in ended:
+                if keep_kv or reasons[r] == FinishReason.SEGMENT:
                     # KV now covers the path + all sampled tokens but the last (not yet fed).
                     kvs[r] = [(l.keys[b, :, pads[r] :].clone(), l.values[b, :, pads[r] :].clone()) for l in cache.layers]
             if len(keep) < len(alive):
@@ -358,6 +350,24 @@ class Engine:
             inp = tok
             pos = pos + 1
         return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
+
+    def _record(self, alive, tok, lp, toks, lps, paths, limits, reasons) -> tuple[list[int], list[tuple[int, int]]]:
+        """Append one step's sampled tokens to the live rows (``alive[b]`` = row of batch
+        position b) and set the reasons of rows that ended. Returns (batch positions that go
+        on, ``(b, row)`` of those that ended)."""
+        tl, ll = tok.tolist(), lp.tolist()
+        keep: list[int] = []
+        ended: list[tuple[int, int]] = []
+        for b, r in enumerate(alive):
+            toks[r].append(tl[b])
+            lps[r].append(ll[b])
+            reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
+            if reason is None:
+                keep.append(b)
+            else:
+                reasons[r] = reason
+                ended.append((b, r))
+        return keep, ended
 
     def _finish_reason(self, tok: int, path: list[int], gen: list[int], limit: int) -> str | None:
         """Why a row ends after sampling ``tok`` (``gen`` already holds it), or None."""
