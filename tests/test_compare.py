@@ -158,7 +158,9 @@ def test_compare_quick_outputs(quick):
     for run in res["runs"]:
         assert run["status"] == "ok", run
         assert QUICK_BUDGET <= run["generated_tokens"] <= QUICK_BUDGET + run["max_step_tokens"]
-        assert len(run["curve"]) >= 4, run["curve"]
+        # before, at least one point along the way, after (a step may cross two evaluation
+        # points of the token budget at once, so how many lie between depends on the draws)
+        assert len(run["curve"]) >= 3 and 0 < run["curve"][1]["tokens"] < run["generated_tokens"], run["curve"]
         assert run["curve"][0]["step"] == 0 and run["curve"][0]["tokens"] == 0
         assert run["curve"][-1]["step"] == run["steps"] and run["curve"][-1]["tokens"] == run["generated_tokens"]
         assert all(0 <= p["pass@1"] <= 1 for p in run["curve"])
