@@ -11,7 +11,7 @@ decoded-token saving turns into wall-clock saving).
     python -m segrl.bench_treepo                      # embedded model, then smollm2-135m if available
     python -m segrl.bench_treepo --models default --prompts 64 --width 16 --repeats 3
 
-Timings are medians over ``--repeats`` alternating runs after one warm-up run of each.
+Timings are medians over ``--repeats`` alternating runs after one full warm-up run of each.
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ def bench_model(
     cfg = _cfg(width, max_len, segment_length, max_depth, divergence, initial_width, max_rows, "cascade" if engine_kind == "cascade" else "copy")
     samplers = tuple(samplers or (SAMPLERS if max_rows else ("independent", "independent_copy", "treepo")))
     runs: dict[str, list[dict]] = {s: [] for s in samplers}
-    for s in samplers:  # warm-up (not timed)
-        _run(engine, prompt_ids[: max(1, prompts // 4)], rows, s, cfg, seed)
+    for s in samplers:  # warm-up (not timed): the full batch, so the KV pools reach their size
+        _run(engine, prompt_ids, rows, s, cfg, seed)
     for r in range(repeats):
         for s in samplers if r % 2 == 0 else samplers[::-1]:
             runs[s].append(_run(engine, prompt_ids, rows, s, cfg, seed + 1 + r))

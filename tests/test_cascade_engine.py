@@ -32,12 +32,16 @@ def grow(eng, prompt_ids):
     return trees
 
 
-def test_cascade_logprobs_match_full_forward(tiny_model, char_tok):
+@pytest.mark.parametrize("fork_min_tokens", [1, 1000])
+def test_cascade_logprobs_match_full_forward(tiny_model, char_tok, fork_min_tokens):
+    """Forked completions as shared level-1 blocks (1), or copied into each row's tail (1000)."""
     eng = CascadeEngine(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=7, eos_token_ids=[])
+    eng.fork_min_tokens = fork_min_tokens
     trees = grow(eng, [[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8, 9, 10]])
     assert eng.stats.prefill_tokens == 3 + 1 + 8  # each prompt prefilled once, nothing after
     assert eng.stats.decode_tokens == 3 * (3 * 6 + 6 * 5 + 6 * 5 + 18 * 4)
-    assert len(eng._levels) == 2  # prompts, and the forked completions
+    # prompts, and (only as blocks) the forked completions
+    assert len(eng._levels) == (2 if fork_min_tokens == 1 else 1)
     n = 0
     for t in trees:
         assert len(t.leaves()) == 18
@@ -48,18 +52,38 @@ def test_cascade_logprobs_match_full_forward(tiny_model, char_tok):
     assert n == 54
 
 
-def test_cascade_samples_the_same_tokens_as_engine(tiny_model, char_tok):
+@pytest.mark.parametrize("fork_min_tokens", [1, 1000])
+def test_rows_of_one_node_split_across_batches(tiny_model, char_tok, fork_min_tokens):
+    """max_batch_size 4 splits a node's 3 children over two decode batches: the second batch
+    still reads the shared tail (it is released only after its last reader)."""
+    eng = CascadeEngine(tiny_model, char_tok, SamplingParams(temperature=1.0), max_batch_size=4, seed=2, eos_token_ids=[])
+    eng.fork_min_tokens = fork_min_tokens
+    trees = eng.new_trees([[2, 5, 6, 7], [2, 9]])
+    lv1 = [c for kids in eng.extend([(t, 0) for t in trees], 5, 1) for c in kids]
+    lv2 = [c for kids in eng.extend(lv1, 4, 3) for c in kids]  # rows 0-2 | 3-5 -> batches [0..3], [4, 5]
+    eng.extend(lv2, 3, 1)
+    for t in trees:
+        for leaf in t.leaves():
+            ref = full_forward_logprobs(tiny_model, t, leaf)
+            assert torch.allclose(ref, torch.tensor(t.path_logprobs(leaf)), atol=1e-4)
+
+
+@pytest.mark.parametrize("fork_min_tokens", [1, 1000])
+def test_cascade_samples_the_same_tokens_as_engine(tiny_model, char_tok, fork_min_tokens):
     out = []
     for cls in (Engine, CascadeEngine):
         eng = cls(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=3)  # EOS on: rows end early
+        eng.fork_min_tokens = fork_min_tokens
         trees = grow(eng, [[2, 5, 6, 7], [2, 9, 9]])
         out.append([[t[i].token_ids for i in range(len(t))] for t in trees])
         out.append([[t[i].finish_reason for i in range(len(t))] for t in trees])
     assert out[0] == out[2] and out[1] == out[3]
 
 
-def test_pool_rows_are_freed_with_the_trees(tiny_model, char_tok):
+@pytest.mark.parametrize("fork_min_tokens", [1, 1000])
+def test_pool_rows_are_freed_with_the_trees(tiny_model, char_tok, fork_min_tokens):
     eng = CascadeEngine(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=1, eos_token_ids=[])
+    eng.fork_min_tokens = fork_min_tokens
     trees = grow(eng, [[2, 5, 6, 7], [2, 9]])
     pools = [eng._tails, *eng._levels]
     assert any(len(p.free) < p.rows for p in pools)  # the last level's states hold rows

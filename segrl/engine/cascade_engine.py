@@ -34,7 +34,7 @@ import torch
 from ..tree import FinishReason
 from .cascade_attention import cascade_attention, key_mask
 from .hf_engine import Engine
-from .kv_pool import KVPool, Slot
+from .kv_pool import KVPool, Slot, copy_positions
 from .sampling import sample_tokens
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -171,8 +171,12 @@ class CascadeEngine(Engine):
     """
 
     #: A state continued by several rows becomes a shared block only if its tail has at least
-    #: this many tokens; a shorter tail is copied into each row's own tail.
-    fork_min_tokens = 1
+    #: this many tokens; a shorter tail is copied into each row's own tail. A block saves
+    #: reading the tail once per extra row and step but costs one more grouped attention per
+    #: layer and step, plus packing: with TreePO's 8-token segments on the embedded model
+    #: copying was faster (tree sampling 1.12 s vs 1.24 s, docs/benchmarks.md); with the
+    #: paper's 512-token segments a block is the cheaper choice.
+    fork_min_tokens = 64
 
     def __init__(self, model, tokenizer, *args, **kwargs):
         why = unsupported_reason(model)
@@ -192,6 +196,7 @@ class CascadeEngine(Engine):
         self._rot_sign = torch.cat([-torch.ones(D // 2), torch.ones(D - D // 2)]).to(w.device, w.dtype)
         self._tails = KVPool(*self._pool_args)
         self._consume = True
+        self._readers_left: dict[int, int] = {}  # per source state: its rows in later batches
 
     @classmethod
     def from_engine(cls, engine: Engine) -> "CascadeEngine":
@@ -212,10 +217,22 @@ class CascadeEngine(Engine):
         return self._levels[level]
 
     def extend(self, refs, max_new_tokens, num_children=1, keep_kv=False, release_sources=True, **node_info):
-        # A source that is released afterwards hands its tail row straight to its (single)
-        # child instead of having it copied.
+        # A source that is released afterwards hands its tail row straight to its last child
+        # instead of having it copied. Its rows may be split over several decode batches
+        # (max_batch_size): count them all, so the tail is given up only by its last reader.
         self._consume = release_sources
-        return super().extend(refs, max_new_tokens, num_children, keep_kv, release_sources, **node_info)
+        n = len(refs)
+        lims = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        kids = [num_children] * n if isinstance(num_children, int) else list(num_children)
+        self._readers_left = {}
+        for (tree, node), k, lim in zip(refs, kids, lims):
+            st = tree.kv.get(node)
+            if st is not None and k > 0 and lim > 0:
+                self._readers_left[id(st)] = self._readers_left.get(id(st), 0) + k
+        try:
+            return super().extend(refs, max_new_tokens, num_children, keep_kv, release_sources, **node_info)
+        finally:
+            self._readers_left = {}
 
     def _lookup(self, tree, node):
         return tree.kv.get(node)  # no crops of longer states: the node is prefilled instead
@@ -252,6 +269,9 @@ class CascadeEngine(Engine):
         uses: dict[int, int] = {}
         for _, st, _ in rows:
             uses[id(st)] = uses.get(id(st), 0) + 1
+        left = self._readers_left
+        for key, u in uses.items():  # rows of each source in later decode batches
+            left[key] = left.get(key, u) - u
         empty = CascadeState(())
         states = [st if st is not None else empty for _, st, _ in rows]
         forks = list({id(cs): cs for cs in states if uses[id(cs)] > 1 and cs.own_len >= self.fork_min_tokens and cs._forked is None}.values())
@@ -269,7 +289,7 @@ class CascadeEngine(Engine):
             if not cs.own_len:
                 continue
             lens0[r] = cs.own_len
-            if self._consume and uses[id(cs)] == 1:
+            if self._consume and uses[id(cs)] == 1 and left[id(cs)] <= 0:
                 slots[r] = cs.give_up_slot()
             else:
                 copies.append((r, cs.slot, cs.own_len))  # type: ignore[arg-type]
@@ -283,34 +303,39 @@ class CascadeEngine(Engine):
             dst = torch.tensor([slots[r].row for r, _, _ in copies], device=tails.device)  # type: ignore[union-attr]
             src = torch.tensor([s.row for _, s, _ in copies], device=tails.device)
             n = max(l for _, _, l in copies)
-            for K, V in zip(tails.K, tails.V):
-                K[dst, :, :n] = K[src, :, :n]
-                V[dst, :, :n] = V[src, :, :n]
+            for t in tails.K + tails.V:
+                copy_positions(t, dst, t, src, n)
+            tails.lens[dst.cpu()] = torch.tensor([l for _, _, l in copies])  # so that pack moves them
         if self._consume:  # sources copied or forked are not read again: free their tails
             for cs in {id(cs): cs for cs in states if id(cs) in taken or (cs._forked is not None and cs.slot is not None)}.values():
-                tails.release(cs.give_up_slot())
+                if left[id(cs)] <= 0 or cs._forked is not None:
+                    tails.release(cs.give_up_slot())
         tails.pack(slots)  # type: ignore[arg-type]  (the call's rows are pool rows [:B])
-        trow = torch.tensor([s.row for s in slots])  # type: ignore[union-attr]  pool row of each live row
-        tails.lens[trow] = torch.tensor(lens0)
-        levels = self._levels_for(chains, range(B))
+        tails.lens[torch.tensor([s.row for s in slots])] = torch.tensor(lens0)  # type: ignore[union-attr]
+        # The batch is kept in pool-row order (batch position b = tail row b), so the private
+        # attention runs in place with no scatter/gather; `alive[b]` is the row (index into
+        # `rows`) at batch position b, and `order` deals the random draws in row order.
+        alive = sorted(range(B), key=lambda r: slots[r].row)  # type: ignore[union-attr]
+        trow, order = self._batch_order(alive, slots)
+        levels = self._levels_for(chains, alive)
 
         paths = [p for _, _, p in rows]
-        inp = torch.tensor([p[-1] for p in paths], device=self.device)
-        pos = torch.tensor([len(p) - 1 for p in paths], device=self.device)
+        inp = torch.tensor([paths[r][-1] for r in alive], device=self.device)
+        pos = torch.tensor([len(paths[r]) - 1 for r in alive], device=self.device)
         toks: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         reasons: list[str | None] = [None] * B
         kvs: list[CascadeState | None] = [None] * B
-        alive = list(range(B))
         nbuf = B  # the private attention runs over tail-pool rows [:nbuf]
         prm = self.params
         try:
             for _ in range(max(limits)):
                 logits = self._step(inp, pos, trow.to(self.device), nbuf, levels)
-                tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
+                tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator, order)
                 self.stats.forward_calls += 1
                 self.stats.decode_tokens += len(alive)
                 tails.lens[trow] += 1
+                alive_all = alive
                 keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)
                 for _, r in ended:
                     slot = slots[r]
@@ -323,19 +348,22 @@ class CascadeEngine(Engine):
                 if len(keep) < len(alive):
                     if not keep:
                         break
-                    kt = torch.tensor(keep)
                     alive = [alive[b] for b in keep]
-                    tok, pos = tok[kt], pos[kt.to(self.device)]
-                    at = torch.tensor(alive)
                     if 2 * len(alive) <= nbuf:
-                        # Half the rows attended are dead: pack the live ones to the front,
-                        # and keep only the blocks that live rows still read.
+                        # Half the rows attended are dead: pack the live ones to the front
+                        # (back in pool-row order), keep only the blocks they still read.
                         tails.pack([slots[r] for r in alive])  # type: ignore[misc]
                         nbuf = len(alive)
+                        keep = sorted(keep, key=lambda b: slots[alive_all[b]].row)  # type: ignore[union-attr]
+                        alive = [alive_all[b] for b in keep]
                         levels = self._levels_for(chains, alive)
-                    trow = torch.tensor([slots[r].row for r in alive])  # type: ignore[union-attr]
-                    for lv in levels:
-                        lv.index(at, self.device)
+                    else:
+                        at = torch.tensor(alive)
+                        for lv in levels:
+                            lv.index(at, self.device)
+                    kt = torch.tensor(keep)
+                    tok, pos = tok[kt], pos[kt.to(self.device)]
+                    trow, order = self._batch_order(alive, slots)
                 inp = tok.to(self.device)
                 pos = pos + 1
         finally:
@@ -343,6 +371,15 @@ class CascadeEngine(Engine):
                 if slots[r] is not None:
                     tails.release(slots[r])  # type: ignore[arg-type]
         return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
+
+    @staticmethod
+    def _batch_order(alive: list[int], slots) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tail-pool row of each batch position, rank of each batch position's row among
+        the live rows)``; the rank is None when the batch is in row order already."""
+        trow = torch.tensor([slots[r].row for r in alive])
+        if all(a < b for a, b in zip(alive, alive[1:])):
+            return trow, None
+        return trow, torch.argsort(torch.argsort(torch.tensor(alive)))
 
     def _levels_for(self, chains: list[tuple[Block, ...]], alive) -> list[_Level]:
         """The levels read by the rows ``alive`` (indices into ``chains``), indexed for them."""
@@ -385,12 +422,11 @@ class CascadeEngine(Engine):
             it = torch.tensor(idx, device=pool.device)
             src = torch.tensor([forks[i].slot.row for i in idx], device=pool.device)  # type: ignore[union-attr]
             moves.append((a, dst[it], src))
-        for li in range(len(pool.K)):
-            for P, Tt in ((pool.K[li], T.K[li]), (pool.V[li], T.V[li])):
-                if mmax:
-                    P[mdst, :, :mmax] = P[msrc, :, :mmax]
-                for a, d, src in moves:
-                    P[d, :, a : a + nmax] = Tt[src, :, :nmax]
+        for P, Tt in zip(pool.K + pool.V, T.K + T.V):
+            if mmax:
+                copy_positions(P, mdst, P, msrc, mmax)
+            for a, d, src in moves:
+                copy_positions(P, d, Tt, src, nmax, at=a)
         for cs, slot, a, b in zip(forks, new, m, n):
             pool.lens[slot.row] = a + b
             cs._forked = cs.blocks[:1] + (self._new_block(1, slot, a + b),)

@@ -19,6 +19,14 @@ import weakref
 import torch
 
 
+def copy_positions(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor, n: int, at: int = 0) -> None:
+    """``dst[dst_rows, :, at:at+n] = src[src_rows, :, :n]`` for ``[rows, H, positions, D]``
+    stores. ``index_select`` + ``index_copy_`` on the position slices (~3.5x faster on CPU
+    than advanced-index assignment); the sources are read before any write, so ``src`` may
+    be ``dst`` with overlapping rows."""
+    dst[:, :, at : at + n].index_copy_(0, dst_rows, src[:, :, :n].index_select(0, src_rows))
+
+
 class Slot:
     """A handle on one pool row; the row index changes when the pool packs."""
 
@@ -115,7 +123,7 @@ class KVPool:
             sd, dd = si[used].to(self.device), di[used].to(self.device)
             for store in (self.K, self.V):
                 for t in store:
-                    t[dd, :, :n] = t[sd, :, :n]
+                    copy_positions(t, dd, t, sd, n)
         self.lens[di] = lens
         moved = outside + evict
         for h in moved:
