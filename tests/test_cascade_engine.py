@@ -53,15 +53,19 @@ def test_cascade_logprobs_match_full_forward(tiny_model, char_tok, fork_min_toke
 
 
 @pytest.mark.parametrize("fork_min_tokens", [1, 1000])
-def test_rows_of_one_node_split_across_batches(tiny_model, char_tok, fork_min_tokens):
-    """max_batch_size 4 splits a node's 3 children over two decode batches: the second batch
-    still reads the shared tail (it is released only after its last reader)."""
+def test_rows_of_one_node_start_at_different_steps(tiny_model, char_tok, fork_min_tokens):
+    """max_batch_size 4: a node's 3 children do not all start together (continuous batching),
+    and the ones that start later still read the shared tail (its row goes to the last one)."""
     eng = CascadeEngine(tiny_model, char_tok, SamplingParams(temperature=1.0), max_batch_size=4, seed=2, eos_token_ids=[])
     eng.fork_min_tokens = fork_min_tokens
+    batch_rows = []
+    step = eng._step
+    eng._step = lambda inp, *a: batch_rows.append(inp.shape[0]) or step(inp, *a)
     trees = eng.new_trees([[2, 5, 6, 7], [2, 9]])
     lv1 = [c for kids in eng.extend([(t, 0) for t in trees], 5, 1) for c in kids]
-    lv2 = [c for kids in eng.extend(lv1, 4, 3) for c in kids]  # rows 0-2 | 3-5 -> batches [0..3], [4, 5]
+    lv2 = [c for kids in eng.extend(lv1, 4, 3) for c in kids]  # rows 0-3 start, 4-5 wait
     eng.extend(lv2, 3, 1)
+    assert max(batch_rows) == 4 and sum(batch_rows) == eng.stats.decode_tokens
     for t in trees:
         for leaf in t.leaves():
             ref = full_forward_logprobs(tiny_model, t, leaf)

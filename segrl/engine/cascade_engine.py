@@ -7,15 +7,19 @@ every decode step, and the cache grows by concatenation. Here a node's cached st
 *chain of blocks* plus a *private tail*:
 
 * level 0 is the prefilled context (a prompt, or a fallback cut point's kept prefix);
-* when a state is continued by k >= 2 rows (a fork), its level-1 block (the completion
-  shared up to its previous fork) plus its private tail are copied once into a new level-1
-  block; the rows below it start with empty tails;
+* when a state is continued by k >= 2 rows (a fork) and its private tail is long
+  (``fork_min_tokens``), its level-1 block (the completion shared up to its previous fork)
+  plus its tail are copied once into a new level-1 block and the rows below it start with
+  empty tails; a short shared tail is copied into each row's tail instead;
 * each decode step scores each row against its private tail and, grouped by block, against
   the blocks it reads (one batched product per level), then takes one softmax over the union
   (:func:`~segrl.engine.cascade_attention.cascade_attention`). The KV a step reads is thus
   close to the *distinct* KV of the live trees, not rows x path length;
 * a row's private tail is a row of a pool that outlives the call and is written in place (no
-  concatenation); a state continued by one row hands its tail row on without a copy.
+  concatenation); a state continued by one row hands its tail row on without a copy;
+* the batch is kept in tail-pool row order, so the private attention reads the pool in
+  place; one call decodes all its rows with continuous batching: at most
+  ``max_batch_size`` at once, waiting rows start as others finish.
 
 The decode step is a lean re-implementation of the LLaMA-family decoder layer (LLaMA,
 SmolLM2, Qwen2, Mistral without sliding window) that calls the model's own modules (norms,
@@ -26,8 +30,11 @@ architectures: :func:`unsupported_reason` says why, and callers keep :class:`Eng
 
 from __future__ import annotations
 
+import functools
+import sys
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -61,15 +68,30 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` for a LLaMA-style RMSNorm in one fused op (fp32), else the module itself."""
+def _rms_norm(norm):
+    """A function computing ``norm(x)``: one fused op for a LLaMA-style RMSNorm with fp32
+    weights, else the module itself."""
     eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or x.dtype != torch.float32 or type(norm).__name__ not in _RMS_NORMS:
-        return norm(x)
-    return torch.nn.functional.rms_norm(x, norm.weight.shape, norm.weight, eps)
+    if eps is None or norm.weight.dtype != torch.float32 or type(norm).__name__ not in _RMS_NORMS:
+        return norm
+    return functools.partial(torch.nn.functional.rms_norm, normalized_shape=norm.weight.shape, weight=norm.weight, eps=eps)
 
 
 _RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+class _LayerPlan(NamedTuple):
+    """What a decode step calls in one decoder layer, looked up once per decode call."""
+
+    norm1: Callable
+    qkv: tuple | None  # fused (W, b), or None: call q/k/v_proj
+    attn: torch.nn.Module
+    o_proj: Callable
+    norm2: Callable
+    gate_up: torch.Tensor | None  # fused W, or None: call the MLP
+    act: Callable | None
+    down: Callable | None
+    mlp: torch.nn.Module
 
 
 @dataclass(eq=False)
@@ -161,7 +183,8 @@ class _Level:
 
 class CascadeEngine(Engine):
     """:class:`Engine` with multi-level cascade-attention decoding (same API, same sampling,
-    same random stream).
+    same random stream while a call fits in ``max_batch_size`` rows; a larger call starts
+    waiting rows as others finish instead of decoding static batches one after another).
 
     Cached states are :class:`CascadeState` objects whose KV lives in pools owned by the
     engine (one per block level, one for private tails), reused across calls. A state
@@ -196,7 +219,6 @@ class CascadeEngine(Engine):
         self._rot_sign = torch.cat([-torch.ones(D // 2), torch.ones(D - D // 2)]).to(w.device, w.dtype)
         self._tails = KVPool(*self._pool_args)
         self._consume = True
-        self._readers_left: dict[int, int] = {}  # per source state: its rows in later batches
 
     @classmethod
     def from_engine(cls, engine: Engine) -> "CascadeEngine":
@@ -217,22 +239,13 @@ class CascadeEngine(Engine):
         return self._levels[level]
 
     def extend(self, refs, max_new_tokens, num_children=1, keep_kv=False, release_sources=True, **node_info):
-        # A source that is released afterwards hands its tail row straight to its last child
-        # instead of having it copied. Its rows may be split over several decode batches
-        # (max_batch_size): count them all, so the tail is given up only by its last reader.
+        # A source that is released afterwards hands its tail row to its last child instead
+        # of having it copied (all of a call's rows go to one _decode: _rows_per_decode).
         self._consume = release_sources
-        n = len(refs)
-        lims = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        kids = [num_children] * n if isinstance(num_children, int) else list(num_children)
-        self._readers_left = {}
-        for (tree, node), k, lim in zip(refs, kids, lims):
-            st = tree.kv.get(node)
-            if st is not None and k > 0 and lim > 0:
-                self._readers_left[id(st)] = self._readers_left.get(id(st), 0) + k
-        try:
-            return super().extend(refs, max_new_tokens, num_children, keep_kv, release_sources, **node_info)
-        finally:
-            self._readers_left = {}
+        return super().extend(refs, max_new_tokens, num_children, keep_kv, release_sources, **node_info)
+
+    def _rows_per_decode(self) -> int:
+        return sys.maxsize  # one call; it keeps <= max_batch_size rows decoding (continuous batching)
 
     def _lookup(self, tree, node):
         return tree.kv.get(node)  # no crops of longer states: the node is prefilled instead
@@ -269,9 +282,6 @@ class CascadeEngine(Engine):
         uses: dict[int, int] = {}
         for _, st, _ in rows:
             uses[id(st)] = uses.get(id(st), 0) + 1
-        left = self._readers_left
-        for key, u in uses.items():  # rows of each source in later decode batches
-            left[key] = left.get(key, u) - u
         empty = CascadeState(())
         states = [st if st is not None else empty for _, st, _ in rows]
         forks = list({id(cs): cs for cs in states if uses[id(cs)] > 1 and cs.own_len >= self.fork_min_tokens and cs._forked is None}.values())
@@ -279,8 +289,7 @@ class CascadeEngine(Engine):
         chains: list[tuple[Block, ...]] = []
         slots: list[Slot | None] = [None] * B
         lens0 = [0] * B
-        copies: list[tuple[int, Slot, int]] = []  # (row r, source tail, length)
-        taken: set[int] = set()
+        source: dict[int, CascadeState] = {}  # row -> the shared state its tail is copied from
         for r, cs in enumerate(states):
             if cs._forked is not None:
                 chains.append(cs._forked)  # the tail is a block now: rows start with empty tails
@@ -289,53 +298,62 @@ class CascadeEngine(Engine):
             if not cs.own_len:
                 continue
             lens0[r] = cs.own_len
-            if self._consume and uses[id(cs)] == 1 and left[id(cs)] <= 0:
+            if self._consume and uses[id(cs)] == 1:
                 slots[r] = cs.give_up_slot()
             else:
-                copies.append((r, cs.slot, cs.own_len))  # type: ignore[arg-type]
-                taken.add(id(cs))
+                source[r] = cs
         tails = self._tails
-        fresh = [r for r in range(B) if slots[r] is None]
-        tails.reserve(len(fresh), max(l + n for l, n in zip(lens0, limits)))
-        for r, slot in zip(fresh, tails.alloc(len(fresh))):
-            slots[r] = slot
-        if copies:
-            dst = torch.tensor([slots[r].row for r, _, _ in copies], device=tails.device)  # type: ignore[union-attr]
-            src = torch.tensor([s.row for _, s, _ in copies], device=tails.device)
-            n = max(l for _, _, l in copies)
-            for t in tails.K + tails.V:
-                copy_positions(t, dst, t, src, n)
-            tails.lens[dst.cpu()] = torch.tensor([l for _, _, l in copies])  # so that pack moves them
-        if self._consume:  # sources copied or forked are not read again: free their tails
-            for cs in {id(cs): cs for cs in states if id(cs) in taken or (cs._forked is not None and cs.slot is not None)}.values():
-                if left[id(cs)] <= 0 or cs._forked is not None:
-                    tails.release(cs.give_up_slot())
-        tails.pack(slots)  # type: ignore[arg-type]  (the call's rows are pool rows [:B])
-        tails.lens[torch.tensor([s.row for s in slots])] = torch.tensor(lens0)  # type: ignore[union-attr]
-        # The batch is kept in pool-row order (batch position b = tail row b), so the private
-        # attention runs in place with no scatter/gather; `alive[b]` is the row (index into
-        # `rows`) at batch position b, and `order` deals the random draws in row order.
-        alive = sorted(range(B), key=lambda r: slots[r].row)  # type: ignore[union-attr]
-        trow, order = self._batch_order(alive, slots)
-        levels = self._levels_for(chains, alive)
+        if self._consume:  # a forked source's tail is in its block now
+            for cs in {id(cs): cs for cs in states if cs._forked is not None and cs.slot is not None}.values():
+                tails.release(cs.give_up_slot())
+        # A source that is released afterwards hands its tail row to its last row (which
+        # starts after its siblings have copied it); the other rows copy it.
+        heirs = {id(cs): r for r, cs in source.items()} if self._consume else {}
+        positions = max(l + n for l, n in zip(lens0, limits))
 
+        def start(rs: list[int]) -> None:
+            """Give rows ``rs`` their tails (a fresh pool row, a copy of a shared source's
+            tail, or the source's own row). Tails are set up when a row starts, so memory
+            follows the rows decoding, not all the rows of the call."""
+            heir = [r for r in rs if heirs.get(id(source.get(r))) == r]
+            fresh = [r for r in rs if slots[r] is None and heirs.get(id(source.get(r))) != r]
+            tails.reserve(len(fresh), positions)
+            for r, slot in zip(fresh, tails.alloc(len(fresh))):
+                slots[r] = slot
+            cp = [r for r in fresh if r in source]
+            if cp:
+                dst = torch.tensor([slots[r].row for r in cp], device=tails.device)  # type: ignore[union-attr]
+                src = torch.tensor([source[r].slot.row for r in cp], device=tails.device)  # type: ignore[union-attr]
+                n = max(lens0[r] for r in cp)
+                for t in tails.K + tails.V:
+                    copy_positions(t, dst, t, src, n)
+                tails.lens[dst.cpu()] = torch.tensor([lens0[r] for r in cp])  # so that pack moves them
+            for r in heir:
+                slots[r] = source[r].give_up_slot()
+
+        # Continuous batching: at most max_batch_size rows decode at once; a waiting row
+        # starts as soon as enough others have finished.
+        cap = max(1, self.max_batch_size)
+        waiting = list(range(cap, B))
+        refill = max(1, cap // 16)  # start waiting rows in groups: each start re-packs
+        alive = list(range(min(B, cap)))
         paths = [p for _, _, p in rows]
-        inp = torch.tensor([paths[r][-1] for r in alive], device=self.device)
-        pos = torch.tensor([len(paths[r]) - 1 for r in alive], device=self.device)
         toks: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         reasons: list[str | None] = [None] * B
         kvs: list[CascadeState | None] = [None] * B
-        nbuf = B  # the private attention runs over tail-pool rows [:nbuf]
         prm = self.params
+        plan = self._plan()
         try:
-            for _ in range(max(limits)):
-                logits = self._step(inp, pos, trow.to(self.device), nbuf, levels)
+            start(alive)
+            alive, trow, order, levels, inp, pos = self._repack(alive, slots, chains, paths, toks)
+            nbuf = len(alive)  # the private attention runs over tail-pool rows [:nbuf]
+            while alive:
+                logits = self._step(inp, pos, trow.to(self.device), nbuf, levels, plan)
                 tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator, order)
                 self.stats.forward_calls += 1
                 self.stats.decode_tokens += len(alive)
                 tails.lens[trow] += 1
-                alive_all = alive
                 keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)
                 for _, r in ended:
                     slot = slots[r]
@@ -345,32 +363,44 @@ class CascadeEngine(Engine):
                         st._fin = tails.own(st, slot)  # type: ignore[arg-type]
                     else:
                         tails.release(slot)  # type: ignore[arg-type]
-                if len(keep) < len(alive):
-                    if not keep:
+                if len(keep) == len(alive):
+                    inp, pos = tok.to(self.device), pos + 1
+                    continue
+                alive = [alive[b] for b in keep]
+                new = waiting[: cap - len(alive)] if waiting and cap - len(alive) >= min(refill, len(waiting)) else []
+                if new or 2 * len(alive) <= nbuf:
+                    # Rows start, or half the rows attended are dead: pack the live rows to
+                    # the front (back in pool-row order), keep only the blocks they read.
+                    del waiting[: len(new)]
+                    if not alive and not new:
                         break
-                    alive = [alive[b] for b in keep]
-                    if 2 * len(alive) <= nbuf:
-                        # Half the rows attended are dead: pack the live ones to the front
-                        # (back in pool-row order), keep only the blocks they still read.
-                        tails.pack([slots[r] for r in alive])  # type: ignore[misc]
-                        nbuf = len(alive)
-                        keep = sorted(keep, key=lambda b: slots[alive_all[b]].row)  # type: ignore[union-attr]
-                        alive = [alive_all[b] for b in keep]
-                        levels = self._levels_for(chains, alive)
-                    else:
-                        at = torch.tensor(alive)
-                        for lv in levels:
-                            lv.index(at, self.device)
+                    start(new)
+                    alive, trow, order, levels, inp, pos = self._repack(alive + new, slots, chains, paths, toks)
+                    nbuf = len(alive)
+                else:
+                    at = torch.tensor(alive)
+                    for lv in levels:
+                        lv.index(at, self.device)
                     kt = torch.tensor(keep)
-                    tok, pos = tok[kt], pos[kt.to(self.device)]
+                    inp, pos = tok[kt].to(self.device), pos[kt.to(self.device)] + 1
                     trow, order = self._batch_order(alive, slots)
-                inp = tok.to(self.device)
-                pos = pos + 1
         finally:
             for r in range(B):  # rows cut short by an error
                 if slots[r] is not None:
                     tails.release(slots[r])  # type: ignore[arg-type]
         return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
+
+    def _repack(self, rows: list[int], slots, chains, paths, toks):
+        """Pack the tails of ``rows`` into pool rows ``[:len(rows)]`` and order the batch by
+        pool row (batch position b = tail row b: the private attention then runs in place,
+        with no scatter/gather); ``order`` deals the random draws in row order. Returns
+        ``(rows in batch order, tail rows, order, levels, next inputs, positions)``."""
+        self._tails.pack([slots[r] for r in rows])
+        rows = sorted(rows, key=lambda r: slots[r].row)
+        trow, order = self._batch_order(rows, slots)
+        inp = torch.tensor([toks[r][-1] if toks[r] else paths[r][-1] for r in rows], device=self.device)
+        pos = torch.tensor([len(paths[r]) - 1 + len(toks[r]) for r in rows], device=self.device)
+        return rows, trow, order, self._levels_for(chains, rows), inp, pos
 
     @staticmethod
     def _batch_order(alive: list[int], slots) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -431,7 +461,7 @@ class CascadeEngine(Engine):
             pool.lens[slot.row] = a + b
             cs._forked = cs.blocks[:1] + (self._new_block(1, slot, a + b),)
 
-    def _step(self, inp, pos, trow, nbuf: int, levels: list[_Level]) -> torch.Tensor:
+    def _step(self, inp, pos, trow, nbuf: int, levels: list[_Level], plan: list[_LayerPlan]) -> torch.Tensor:
         """One decode step for the live rows; returns next-token logits ``[R, V]``.
 
         ``trow``: each live row's tail-pool row (all within ``[:nbuf]``, the rows attended
@@ -449,13 +479,12 @@ class CascadeEngine(Engine):
         x = self._inner.embed_tokens(inp)  # [R, hidden]
         cos, sin = self._inner.rotary_emb(x[:, None], pos[:, None])  # [R, 1, D]
         cos, sin = cos[:, 0, None, :], sin[:, 0, None, :] * self._rot_sign  # rotate_half(x)*sin = roll(x)*sin'
-        for li, layer in enumerate(self._inner.layers):
-            attn = layer.self_attn
-            h = _rms_norm(layer.input_layernorm, x)
-            qkv, gate_up = self._fused(li, layer)
-            if qkv is not None:
-                qkv = torch.nn.functional.linear(h, *qkv)
+        for li, lp in enumerate(plan):
+            h = lp.norm1(x)
+            if lp.qkv is not None:
+                qkv = torch.nn.functional.linear(h, *lp.qkv)
             else:
+                attn = lp.attn
                 qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], -1)
             qk = qkv[:, : (Hq + Hkv) * D].view(R, Hq + Hkv, D)
             qk = qk * cos + torch.roll(qk, D // 2, -1) * sin  # rotary embedding of q and k at once
@@ -465,14 +494,28 @@ class CascadeEngine(Engine):
             V[trow, :, at] = qkv[:, (Hq + Hkv) * D :].view(R, Hkv, D)
             private = (K[:nbuf, :, :T], V[:nbuf, :, :T], mask, None if dense else trow)
             o = cascade_attention(q, private, [lv.part(li) for lv in levels])
-            x = x + attn.o_proj(o.to(x.dtype).reshape(R, Hq * D))
-            h = _rms_norm(layer.post_attention_layernorm, x)
-            if gate_up is not None:
-                g, u = torch.nn.functional.linear(h, gate_up).chunk(2, -1)
-                x = x + layer.mlp.down_proj(layer.mlp.act_fn(g) * u)
+            x = x + lp.o_proj(o.to(x.dtype).reshape(R, Hq * D))
+            h = lp.norm2(x)
+            if lp.gate_up is not None:
+                g, u = torch.nn.functional.linear(h, lp.gate_up).chunk(2, -1)
+                x = x + lp.down(lp.act(g) * u)  # type: ignore[misc]
             else:
-                x = x + layer.mlp(h)
-        return self._lm_head(_rms_norm(self._inner.norm, x))
+                x = x + lp.mlp(h)
+        return self._lm_head(self._final_norm(x))
+
+    def _plan(self) -> list[_LayerPlan]:
+        """Per layer, the modules and fused weights a decode step uses (once per call: the
+        weights do not change while it decodes)."""
+        self._final_norm = _rms_norm(self._inner.norm)
+        plan = []
+        for li, layer in enumerate(self._inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, gate_up = self._fused(li, layer)
+            plan.append(_LayerPlan(
+                _rms_norm(layer.input_layernorm), qkv, attn, attn.o_proj, _rms_norm(layer.post_attention_layernorm),
+                gate_up, getattr(mlp, "act_fn", None), getattr(mlp, "down_proj", None), mlp,
+            ))
+        return plan
 
     def _fused(self, li: int, layer):
         """``((W_qkv, b_qkv), W_gate_up)`` concatenated from the layer's plain ``nn.Linear``

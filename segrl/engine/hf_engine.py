@@ -180,8 +180,9 @@ class Engine:
             path = tree.path_token_ids(node)  # once per node: its k rows share it (read-only)
             rows.extend((i, st, path) for _ in range(k))
         out: list[list[NodeRef]] = [[] for _ in range(n)]
-        for start in range(0, len(rows), self.max_batch_size):
-            chunk = rows[start : start + self.max_batch_size]
+        per_call = self._rows_per_decode()
+        for start in range(0, len(rows), per_call):
+            chunk = rows[start : start + per_call]
             results = self._decode(chunk, [lims[i] for i, _, _ in chunk], keep_kv)
             for (i, _, _), (toks, lps, reason, kv) in zip(chunk, results):
                 tree, node = refs[i]
@@ -196,6 +197,10 @@ class Engine:
         return out
 
     # ----- internals ------------------------------------------------------------------
+    def _rows_per_decode(self) -> int:
+        """Rows handed to one :meth:`_decode` call (static batches of max_batch_size)."""
+        return self.max_batch_size
+
     def _states(self, refs: Sequence[NodeRef]) -> dict[tuple[int, int], KVState]:
         """Cached state (KV of the path minus its last token) of every distinct node."""
         states: dict[tuple[int, int], KVState] = {}
