@@ -239,7 +239,15 @@ class RolloutTree:
 
     def independent_equivalent_tokens(self, include_mc: bool = False) -> int:
         """Tokens that sampling each leaf independently (no prefix sharing) would decode."""
-        return sum(self.completion_len(i) for i in self.leaves(include_mc=include_mc))
+        total, stack = 0, [(0, 0)]  # one walk down the tree: (node, completion tokens above it)
+        while stack:
+            i, above = stack.pop()
+            n = self.nodes[i]
+            here = above + len(n.token_ids) if i else 0
+            if i and n.is_leaf and (include_mc or not n.info.get("mc")):
+                total += here
+            stack.extend((c, here) for c in n.children)
+        return total
 
     # ----- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -38,6 +38,9 @@ def test_split_makes_a_chain_and_keeps_descendants():
     assert t[a1].children == [tail] and t[tail].parent == a1
     assert t[tail].depth == 3 and t[tail].reward == 1.0 and t[a1].reward is None
     assert t[tail].finish_reason == FinishReason.EOS and t[a1].finish_reason == FinishReason.SEGMENT
+    # a split changes no path: independent sampling of the leaves still costs 1 + 5 (+ 3 with MC)
+    t.split(a, 1)  # a's children now hang off a node created after them
+    assert t.independent_equivalent_tokens() == 6 and t.independent_equivalent_tokens(include_mc=True) == 9
     assert t.path_token_ids(tail) == [5, 6, 7, 10, 11, 13, 14, 15]
     t.validate()
     with pytest.raises(ValueError):

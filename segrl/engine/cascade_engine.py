@@ -359,7 +359,7 @@ class CascadeEngine(Engine):
                     slot = slots[r]
                     slots[r] = None
                     if keep_kv or reasons[r] == FinishReason.SEGMENT:
-                        st = kvs[r] = CascadeState(chains[r], slot, int(tails.lens[slot.row]))  # type: ignore[union-attr]
+                        st = kvs[r] = CascadeState(chains[r], slot, lens0[r] + len(toks[r]))  # the tail's length
                         st._fin = tails.own(st, slot)  # type: ignore[arg-type]
                     else:
                         tails.release(slot)  # type: ignore[arg-type]
