@@ -71,3 +71,16 @@ def test_order_deals_the_draws_in_row_order():
     # batch position b holds row perm[b]; its rank in row order is perm[b]
     got, got_lp = sample_tokens(logits[perm], 1.0, generator=torch.Generator().manual_seed(9), order=perm)
     assert torch.equal(got, want[perm]) and torch.allclose(got_lp, want_lp[perm])
+
+
+def test_logits_with_a_huge_spread_sample_the_top_tokens():
+    """Gaps beyond the exp floor (80 nats) do not change what is drawn or the log-prob."""
+    logits = torch.full((512, 5000), -1000.0)
+    logits[:, 7], logits[:, 9] = 0.0, -1.0  # p = e^0 : e^-1 between the two, ~0 elsewhere
+    logits[:256, 11] = float("-inf")
+    tok, lp = sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(8))
+    assert set(tok.tolist()) == {7, 9}
+    assert abs(float((tok == 7).double().mean()) - 1 / (1 + torch.e**-1)) < 0.06
+    ref = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+    assert torch.allclose(lp, ref, atol=1e-5)
+
