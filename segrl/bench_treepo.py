@@ -11,7 +11,9 @@ decoded-token saving turns into wall-clock saving).
     python -m segrl.bench_treepo                      # embedded model, then smollm2-135m if available
     python -m segrl.bench_treepo --models default --prompts 64 --width 16 --repeats 3
 
-Timings are medians over ``--repeats`` alternating runs after one full warm-up run of each.
+Timings are medians over ``--repeats`` alternating runs after one full warm-up run of each;
+the efficiency is also given paired per repeat (the two samplers of one repeat ran back to
+back), which the machine's speed drifting over a run moves less.
 """
 
 from __future__ import annotations
@@ -216,6 +218,11 @@ def bench_model(
     out["token_saving"] = 1 - tok_ratio
     out["wall_saving"] = 1 - wall_ratio
     out["saving_efficiency"] = (1 - wall_ratio) / (1 - tok_ratio) if tok_ratio < 1 else float("nan")
+    # Paired per repeat (both samplers ran back to back): robust to the machine's speed
+    # drifting over the minutes of a run, which moves a ratio of medians.
+    paired = sorted((1 - t["wall"] / i["wall"]) / (1 - t["decoded"] / i["decoded"]) for i, t in zip(runs[base], runs["treepo"]))
+    out["paired_efficiency"] = statistics.median(paired)
+    out["paired_efficiency_range"] = (paired[len(paired) // 4], paired[(3 * len(paired) - 1) // 4])
     out["traj_per_s_ratio"] = tr["traj_per_s"] / ind["traj_per_s"]
     out["traj_tokens_per_s_ratio"] = tr["traj_tokens_per_s"] / ind["traj_tokens_per_s"]
     return out
@@ -252,6 +259,12 @@ def format_table(res: dict) -> str:
         f"wall-clock saving {100 * res['wall_saving']:.1f}% -> wall saving / token saving = {res['saving_efficiency']:.2f} "
         f"(goal >= 0.80); CPU-time saving {100 * (1 - res['cpu_ratio']):.1f}% ({res['cpu_saving_efficiency']:.2f})"
     )
+    if "paired_efficiency" in res:
+        lo, hi = res["paired_efficiency_range"]
+        lines.append(
+            f"paired per repeat: wall saving / token saving median {res['paired_efficiency']:.2f} (quartiles {lo:.2f}-{hi:.2f}); "
+            f"wall-clock s per repeat: " + "; ".join(f"{names[s]} " + " ".join(f"{w:.2f}" for w in res[s]["walls"]) for s in (base, "treepo"))
+        )
     return "\n".join(lines)
 
 
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-depth", type=int, default=0, help="default: ceil(max_len / segment_length)")
     p.add_argument("--divergence", type=int, default=2)
     p.add_argument("--initial-width", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
     p.add_argument("--other-task", default="gsm8k", help="prompts for models other than 'default' (the embedded model always uses arithmetic)")
     p.add_argument("--other-segment-length", type=int, default=0, help="segment length for models other than 'default' (0 = --segment-length)")
-    p.add_argument("--other-repeats", type=int, default=0, help="repeats for models other than 'default' (0 = --repeats)")
+    p.add_argument("--other-repeats", type=int, default=3, help="repeats for models other than 'default' (0 = --repeats)")
     p.add_argument("--engine", default="cascade", choices=["cascade", "hf"], help="cascade: shared-prefix KV read once per block (CascadeEngine); hf: one DynamicCache row per trajectory (Engine)")
     p.add_argument("--max-rows", type=int, default=0, help="row capacity per engine round (continuous batching over prompts); 0 = all prompts in one batch")
     p.add_argument("--samplers", default="", help=f"comma-separated subset of {','.join(SAMPLERS)} (default: all under --max-rows, else independent,treepo)")

@@ -127,3 +127,42 @@ def test_per_ref_limits_and_children(tiny_model, char_tok):
     kids = eng.extend([(trees[0], 0), (trees[1], 0)], [3, 7], [2, 0])
     assert len(kids[0]) == 2 and kids[1] == []
     assert all(len(trees[0][c].token_ids) == 3 for _, c in kids[0])
+
+
+def test_prefill_groups_trade_padding_for_forwards():
+    from segrl.engine.hf_engine import prefill_groups
+
+    # [10, 11, 50], 5 tokens per forward: {10,11}+{50} = 22+5 + 50+5 = 82 beats one batch
+    # (3*50+5 = 155), three batches (71+15 = 86) and {10}+{11,50} (10+5 + 100+5 = 120).
+    assert prefill_groups([50, 10, 11], 8, 5) == [[1, 2], [0]]
+    assert prefill_groups([50, 10, 11], 8, 1000) == [[1, 2, 0]]  # forwards dear: one batch
+    assert prefill_groups([50, 10, 11], 8, 0) == [[1], [2], [0]]  # padding dear: no padding
+    assert sorted(map(len, prefill_groups([5, 5, 5], 2, 100))) == [1, 2]  # <= max_rows per batch
+    assert prefill_groups([], 4, 10) == []
+
+
+def test_grouped_prefill_matches_full_forward(tiny_model, char_tok):
+    from segrl.engine.cascade_engine import CascadeEngine
+
+    for cls in (Engine, CascadeEngine):
+        eng = cls(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=3)
+        eng.prefill_call_tokens = 0  # every context length its own forward
+        trees = eng.new_trees([[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8, 9, 10], [2, 4, 4, 4]])
+        eng.extend([(t, 0) for t in trees], 5, 2)
+        assert eng.stats.prefill_tokens == 3 + 1 + 8 + 3  # unpadded
+        for t in trees:
+            for leaf in t.leaves():
+                ref = full_forward_logprobs(tiny_model, t, leaf)
+                assert torch.allclose(ref, torch.tensor(t.path_logprobs(leaf)), atol=1e-4), cls
+
+
+def test_prefill_runs_one_forward_per_length_group(tiny_model, char_tok):
+    eng = Engine(tiny_model, char_tok, SamplingParams(temperature=1.0), seed=3)
+    eng.prefill_call_tokens = 0
+    trees = eng.new_trees([[2, 5, 6, 7], [2, 9], [2, 3, 4, 5, 6, 7, 8, 9, 10], [2, 4, 4, 4]])
+    shapes = []
+    forward = eng._forward
+    eng._forward = lambda ids, *a: shapes.append(tuple(ids.shape)) or forward(ids, *a)
+    states = eng._prefill([(t, 0) for t in trees])
+    assert sorted(shapes) == [(1, 1), (1, 8), (2, 3)]  # the two 3-token contexts together
+    assert [s[0][0].shape[1] for s in states] == [3, 1, 8, 3]  # in the callers' order

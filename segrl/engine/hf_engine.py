@@ -75,6 +75,30 @@ def _gc_paused():
             gc.enable()
 
 
+def prefill_groups(lengths: Sequence[int], max_rows: int, call_tokens: int) -> list[list[int]]:
+    """Split sequences into left-padded prefill batches: indices grouped by length, at most
+    ``max_rows`` per batch, minimising ``sum(rows * longest) + call_tokens * batches`` (the
+    padded tokens computed plus each forward's fixed cost in tokens) by dynamic programming
+    over the sorted lengths. One batch of GSM8K prompts of 68-152 tokens pads 1,611 tokens
+    to 2,432; grouped, the padding nearly vanishes for a few more forwards."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted sequences
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(max(0, j - max_rows), j):
+            c = best[i] + (j - i) * longest + call_tokens
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups = []
+    j = n
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
 class Engine:
     """Batched sampler that grows rollout trees from cached prefixes.
 
@@ -87,6 +111,10 @@ class Engine:
             state is checkpointed with :meth:`state_dict`).
         eos_token_ids: ids that end a sequence (default: the tokenizer's/model's EOS).
     """
+
+    #: A prefill forward's fixed cost, in padded tokens: contexts of different lengths are
+    #: prefilled in length groups (:func:`prefill_groups`) that trade padding for forwards.
+    prefill_call_tokens = 64
 
     def __init__(
         self,
@@ -247,10 +275,8 @@ class Engine:
         """Run each node's path (minus its last token) through the model, left-padded."""
         seqs = [tree.path_token_ids(node)[:-1] for tree, node in refs]
         out: list[KVState] = []
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         res: dict[int, KVState] = {}
-        for s in range(0, len(order), self.max_batch_size):
-            idx = order[s : s + self.max_batch_size]
+        for idx in prefill_groups([len(q) for q in seqs], self.max_batch_size, self.prefill_call_tokens):
             width = max(len(seqs[i]) for i in idx)
             if width == 0:
                 for i in idx:
