@@ -153,6 +153,46 @@ class RolloutTree:
             self.kv[t] = self.kv.pop(idx)
         return t
 
+    def split_every(self, idx: int, length: int) -> int:
+        """Cut node ``idx`` into a chain of nodes of ``length`` tokens (the last one may be
+        shorter), as repeated :meth:`split` calls would, in one pass. Returns the index of
+        the last node of the chain (``idx`` itself if it has at most ``length`` tokens)."""
+        node = self.nodes[idx]
+        n = len(node.token_ids)
+        if length <= 0:
+            raise ValueError(f"segment length must be > 0, got {length}")
+        if n <= length:
+            return idx
+        if idx == 0:
+            raise ValueError("cannot split the root")
+        toks, lps = node.token_ids, node.logprobs
+        pieces = range(length, n, length)
+        first = len(self.nodes)
+        for k, a in enumerate(pieces):
+            self.nodes.append(Node(
+                parent=first + k - 1 if k else idx,
+                depth=node.depth + k + 1,
+                token_ids=toks[a : a + length],
+                logprobs=lps[a : a + length],
+                finish_reason=FinishReason.SEGMENT,
+                children=[first + k + 1],
+                info=dict(node.info),
+            ))
+        last_i = len(self.nodes) - 1
+        last = self.nodes[last_i]
+        last.finish_reason, last.reward, last.children = node.finish_reason, node.reward, node.children
+        for c in last.children:
+            self.nodes[c].parent = last_i
+        extra = len(pieces)
+        for d in self.subtree(last_i)[1:]:
+            self.nodes[d].depth += extra
+        node.token_ids, node.logprobs = toks[:length], lps[:length]
+        node.children = [first]
+        node.finish_reason, node.reward = FinishReason.SEGMENT, None
+        if idx in self.kv:
+            self.kv[last_i] = self.kv.pop(idx)
+        return last_i
+
     # ----- derived views -------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.nodes)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from segrl.engine.cascade_attention import cascade_attention, key_mask
-from segrl.engine.cascade_engine import CascadeEngine, unsupported_reason
+from segrl.engine.cascade_engine import Block, CascadeEngine, _Level, unsupported_reason
 from segrl.engine.hf_engine import Engine, SamplingParams
 from segrl.engine.kv_pool import KVPool
 from segrl.samplers.treepo import TreePOSampler
@@ -116,6 +116,27 @@ def test_kv_pool_pack_moves_used_positions():
         k, n = before[id(s)]
         assert int(pool.lens[s.row]) == n
         assert torch.equal(pool.K[1][s.row, :, :n], k[:, :n])
+
+
+def test_level_groups_readers_by_block_in_row_order():
+    """_Level: blocks packed in the pool's front rows, each block's readers (rows of the
+    call) in row order, padded with B; rows that read no block point at the dummy slot."""
+    pool = KVPool(layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    pool.reserve(4, 3)
+    sa, sb, sc = pool.alloc(3)  # rows 0, 1, 2
+    A, B, _ = Block(0, sa, 2), Block(0, sb, 3), Block(0, sc, 1)
+    (bid, blocks), = CascadeEngine._chain_index([(B,), (), (A,), (B,), (A,), (), (B,)])
+    assert bid.tolist() == [0, -1, 1, 0, 1, -1, 0] and blocks == [B, A]
+    lv = _Level(bid, blocks, pool)
+    # by pool row: A (row 0) read by rows 2, 4; B (row 1) by rows 0, 3, 6; S = 3, padding 7
+    assert lv.members_orig.tolist() == [[2, 4, 7], [0, 3, 6]]
+    assert lv.dummy == 6
+    assert lv.slot_orig.tolist() == [3, 6, 0, 4, 1, 6, 5]
+    assert lv.layers[0][0].shape == (2, 1, 3, 2)  # N blocks x the longest block
+    assert lv.mask[:, 0, 0].tolist() == [[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]]
+    lv.index(torch.tensor([0, 2, 3, 6]), torch.device("cpu"))  # rows 1, 4, 5 dead
+    assert lv.members.tolist() == [[1, 4, 4], [0, 2, 3]] and lv.inverse.tolist() == [3, 0, 4, 5]
+    assert not lv.partial
 
 
 def test_cascade_attention_equals_plain_softmax_attention():

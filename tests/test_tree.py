@@ -47,6 +47,31 @@ def test_split_makes_a_chain_and_keeps_descendants():
         t.split(tail, 0)
 
 
+@pytest.mark.parametrize("length", [1, 2, 3, 7])
+def test_split_every_equals_repeated_splits(length):
+    def grown():
+        t = RolloutTree([5, 6])
+        a = t.add(0, [10, 11, 12, 13, 14, 15, 16], [-0.1 * i for i in range(7)], FinishReason.SEGMENT, fallback=True)
+        c = t.add(a, [20, 21], [-1.0, -2.0], FinishReason.EOS)  # a descendant: depths shift
+        t[a].reward = 0.5
+        t.kv[a] = "state"
+        return t, a, c
+
+    t1, a, _ = grown()
+    last = a
+    for _ in range((7 - 1) // length):
+        last = t1.split(last, length)
+    t2, _, _ = grown()
+    assert t2.split_every(a, length) == last
+    for n1, n2 in zip(t1.nodes, t2.nodes, strict=True):
+        assert (n1.parent, n1.depth, n1.token_ids, n1.logprobs, n1.finish_reason, n1.reward, n1.children, n1.info) == (
+            n2.parent, n2.depth, n2.token_ids, n2.logprobs, n2.finish_reason, n2.reward, n2.children, n2.info)
+    assert t1.kv == t2.kv
+    t2.validate()
+    with pytest.raises(ValueError, match="segment length"):
+        t2.split_every(a, 0)
+
+
 def test_jsonl_round_trip(tmp_path):
     t, *_ = build()
     t[3].reward = float("nan")

@@ -155,38 +155,35 @@ class _Level:
     """The blocks of one level that a decode call reads, packed into the front rows of that
     level's pool (attended in place), and which rows read which (grouped queries)."""
 
-    def __init__(self, heads: list[Block | None], pool: KVPool):
-        order: dict[int, int] = {}
-        blocks: list[Block] = []
-        readers: list[list[int]] = []
-        for r, h in enumerate(heads):
-            if h is not None:
-                c = order.get(id(h))
-                if c is None:
-                    c = order[id(h)] = len(blocks)
-                    blocks.append(h)
-                    readers.append([])
-                readers[c].append(r)
-        pool.pack([b.slot for b in blocks])  # the call's blocks in rows [:N], any order
-        N, S = len(blocks), max(len(rs) for rs in readers)
-        by_row = [0] * N
-        for c, b in enumerate(blocks):
-            by_row[b.slot.row] = c
-        blocks = [blocks[c] for c in by_row]
-        readers = [readers[c] for c in by_row]
-        T = max(b.length for b in blocks)
+    def __init__(self, bid: torch.Tensor, blocks: list[Block], pool: KVPool):
+        """``bid [B]``: for each row of the call, the index in ``blocks`` of the block of this
+        level it reads, -1 for none (or a row not decoding now)."""
+        readers = (bid >= 0).nonzero().squeeze(1)
+        used = torch.unique(bid[readers])
+        mine = [blocks[c] for c in used.tolist()]
+        pool.pack([b.slot for b in mine])  # the blocks read in rows [:N], any order
+        N, B = len(mine), bid.shape[0]
+        row = torch.full((len(blocks),), -1, dtype=torch.long)
+        row[used] = torch.tensor([b.slot.row for b in mine])  # pool row (< N) of each block read
+        lengths = torch.empty(N, dtype=torch.long)
+        lengths[row[used]] = torch.tensor([b.length for b in mine])
+        T = int(lengths.max())
         self.layers = [(K[:N, :, :T], V[:N, :, :T]) for K, V in zip(pool.K, pool.V)]
-        self.mask = key_mask(torch.tensor([b.length for b in blocks], device=pool.device), T)
-        B = len(heads)
+        self.mask = key_mask(lengths.to(pool.device), T)
+        # Readers grouped by block (pool row), each block's readers in row order.
+        at = row[bid[readers]]
+        counts = torch.bincount(at, minlength=N)
+        S = int(counts.max())
+        sorted_at, by = torch.sort(at, stable=True)
+        rank = torch.empty_like(at)
+        rank[by] = torch.arange(len(at)) - (torch.cumsum(counts, 0) - counts)[sorted_at]
         self.dummy = N * S  # flat slot of rows that read no block of this level
-        flat = [B] * (N * S)
-        slot = [self.dummy] * B
-        for c, rs in enumerate(readers):
-            for k, r in enumerate(rs):
-                flat[c * S + k] = r
-                slot[r] = c * S + k
-        self.members_orig = torch.tensor(flat).view(N, S)
-        self.slot_orig = torch.tensor(slot)
+        flat = torch.full((N * S,), B, dtype=torch.long)
+        flat[at * S + rank] = readers
+        slot = torch.full((B,), self.dummy, dtype=torch.long)
+        slot[readers] = at * S + rank
+        self.members_orig = flat.view(N, S)
+        self.slot_orig = slot
         self.members = self.inverse = None
         self.partial = True
 
@@ -221,10 +218,11 @@ class CascadeEngine(Engine):
     #: A state continued by several rows becomes a shared block only if its tail has at least
     #: this many tokens; a shorter tail is copied into each row's own tail. A block saves
     #: reading the tail once per extra row and step but costs one more grouped attention per
-    #: layer and step, plus packing: with TreePO's 8-token segments on the embedded model
-    #: copying was faster (tree sampling 1.12 s vs 1.24 s, docs/benchmarks.md); with the
-    #: paper's 512-token segments a block is the cheaper choice.
-    fork_min_tokens = 64
+    #: layer and step, plus packing. With TreePO's 8-token segments on the embedded model,
+    #: blocks at every fork were slower than copies (tree sampling 1.24 s vs 1.12 s); from
+    #: 24 tokens (TreePO's last fork there, whose rows then decode to the end) a block is
+    #: faster (0.93 s vs 0.95 s, 1.21 s vs 1.25 s; 16 tokens: 1.27 s; docs/benchmarks.md).
+    fork_min_tokens = 24
 
     def __init__(self, model, tokenizer, *args, **kwargs):
         why = unsupported_reason(model)
@@ -369,9 +367,10 @@ class CascadeEngine(Engine):
         kvs: list[CascadeState | None] = [None] * B
         prm = self.params
         plan = self._plan()
+        index = self._chain_index(chains)
         try:
             start(alive)
-            alive, trow, order, levels, inp, pos = self._repack(alive, slots, chains, paths, toks)
+            alive, trow, order, levels, inp, pos = self._repack(alive, slots, index, paths, toks)
             nbuf = len(alive)  # the private attention runs over tail-pool rows [:nbuf]
             while alive:
                 logits = self._step(inp, pos, trow.to(self.device), nbuf, levels, plan)
@@ -400,7 +399,7 @@ class CascadeEngine(Engine):
                     if not alive and not new:
                         break
                     start(new)
-                    alive, trow, order, levels, inp, pos = self._repack(alive + new, slots, chains, paths, toks)
+                    alive, trow, order, levels, inp, pos = self._repack(alive + new, slots, index, paths, toks)
                     nbuf = len(alive)
                 else:
                     at = torch.tensor(alive)
@@ -415,7 +414,7 @@ class CascadeEngine(Engine):
                     tails.release(slots[r])  # type: ignore[arg-type]
         return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
 
-    def _repack(self, rows: list[int], slots, chains, paths, toks):
+    def _repack(self, rows: list[int], slots, index, paths, toks):
         """Pack the tails of ``rows`` into pool rows ``[:len(rows)]`` and order the batch by
         pool row (batch position b = tail row b: the private attention then runs in place,
         with no scatter/gather); ``order`` deals the random draws in row order. Returns
@@ -425,7 +424,7 @@ class CascadeEngine(Engine):
         trow, order = self._batch_order(rows, slots)
         inp = torch.tensor([toks[r][-1] if toks[r] else paths[r][-1] for r in rows], device=self.device)
         pos = torch.tensor([len(paths[r]) - 1 + len(toks[r]) for r in rows], device=self.device)
-        return rows, trow, order, self._levels_for(chains, rows), inp, pos
+        return rows, trow, order, self._levels_for(index, rows), inp, pos
 
     @staticmethod
     def _batch_order(alive: list[int], slots) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -436,14 +435,36 @@ class CascadeEngine(Engine):
             return trow, None
         return trow, torch.argsort(torch.argsort(torch.tensor(alive)))
 
-    def _levels_for(self, chains: list[tuple[Block, ...]], alive) -> list[_Level]:
-        """The levels read by the rows ``alive`` (indices into ``chains``), indexed for them."""
-        alive = list(alive)
-        keep = set(alive)
-        live = [c if r in keep else () for r, c in enumerate(chains)]
-        depth = max(len(c) for c in live)
-        levels = [_Level([c[l] if len(c) > l else None for c in live], self._pool(l)) for l in range(depth)]
-        at = torch.tensor(alive)
+    @staticmethod
+    def _chain_index(chains: list[tuple[Block, ...]]) -> list[tuple[torch.Tensor, list[Block]]]:
+        """Per level: the index of the block each row reads (-1: none) and the blocks. Once per
+        call (a row's chain does not change while it decodes), so that each re-pack builds
+        its levels with tensor operations instead of a walk over every row."""
+        out = []
+        for level in range(max((len(c) for c in chains), default=0)):
+            ids: dict[int, int] = {}
+            blocks: list[Block] = []
+            bid = [-1] * len(chains)
+            for r, c in enumerate(chains):
+                if len(c) > level:
+                    k = ids.get(id(c[level]))
+                    if k is None:
+                        k = ids[id(c[level])] = len(blocks)
+                        blocks.append(c[level])
+                    bid[r] = k
+            out.append((torch.tensor(bid, dtype=torch.long), blocks))
+        return out
+
+    def _levels_for(self, index: list[tuple[torch.Tensor, list[Block]]], alive) -> list[_Level]:
+        """The levels read by the rows ``alive`` (of :meth:`_chain_index`), indexed for them."""
+        at = torch.tensor(list(alive), dtype=torch.long)
+        levels = []
+        for level, (bid, blocks) in enumerate(index):
+            live = torch.full_like(bid, -1)
+            live[at] = bid[at]
+            if not bool((live >= 0).any()):
+                break  # chains are prefixes: no live row reads a deeper level either
+            levels.append(_Level(live, blocks, self._pool(level)))
         for lv in levels:
             lv.index(at, self.device)
         return levels

@@ -36,7 +36,7 @@ import torch
 
 from ..configs.loader import ConfigError
 from ..engine.cascade_engine import CascadeEngine, unsupported_reason
-from ..engine.hf_engine import Engine
+from ..engine.hf_engine import Engine, _gc_paused
 from ..tree import FinishReason, RolloutTree
 
 #: fallback "finished_first" priority (code: finished 7 > unclosed 6 > EOS 5 > steps 4 > tokens 3 > repetition 2)
@@ -202,6 +202,7 @@ class TreePOSampler:
         sampler.treepo = sub  # type: ignore[attr-defined]  (metrics of the last call: sampler.treepo.last_metrics)
         return sampler
 
+    @_gc_paused()  # between rounds too: the trees' nodes and token lists form no cycles
     def grow(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
         """Sample the trees (no scoring). Returns ``tree/*`` metrics; frees all cached KV."""
         g = engine.generator
@@ -377,10 +378,10 @@ class TreePOSampler:
             node.logprobs = node.logprobs[:stop_at]
             tree.kv.pop(c, None)
             n = stop_at
-        last = c
-        for _ in range((n - 1) // L):
-            last = tree.split(last, L)
-            tree[last].info.pop("fallback", None)  # only the first segment is regrown from a cut
+        first = len(tree)
+        last = tree.split_every(c, L)
+        for i in range(first, last + 1):
+            tree[i].info.pop("fallback", None)  # only the first segment is regrown from a cut
         if stop_at is not None:
             tree[last].finish_reason = reason
             tree[last].info["stopped_mid"] = True
