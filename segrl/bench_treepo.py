@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
     p.add_argument("--other-task", default="gsm8k", help="prompts for models other than 'default' (the embedded model always uses arithmetic)")
     p.add_argument("--other-segment-length", type=int, default=0, help="segment length for models other than 'default' (0 = --segment-length)")
-    p.add_argument("--other-repeats", type=int, default=3, help="repeats for models other than 'default' (0 = --repeats)")
+    p.add_argument("--other-repeats", type=int, default=5, help="repeats for models other than 'default' (0 = --repeats; one SmolLM2-135M repeat of both samplers takes ~80 s)")
     p.add_argument("--engine", default="cascade", choices=["cascade", "hf"], help="cascade: shared-prefix KV read once per block (CascadeEngine); hf: one DynamicCache row per trajectory (Engine)")
     p.add_argument("--max-rows", type=int, default=0, help="row capacity per engine round (continuous batching over prompts); 0 = all prompts in one batch")
     p.add_argument("--samplers", default="", help=f"comma-separated subset of {','.join(SAMPLERS)} (default: all under --max-rows, else independent,treepo)")
