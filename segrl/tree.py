@@ -157,14 +157,12 @@ class RolloutTree:
         """Cut node ``idx`` into a chain of nodes of ``length`` tokens (the last one may be
         shorter), as repeated :meth:`split` calls would, in one pass. Returns the index of
         the last node of the chain (``idx`` itself if it has at most ``length`` tokens)."""
+        if idx == 0 or length <= 0:
+            raise ValueError(f"cannot split node {idx} into segments of {length} tokens (the root, or a length <= 0)")
         node = self.nodes[idx]
         n = len(node.token_ids)
-        if length <= 0:
-            raise ValueError(f"segment length must be > 0, got {length}")
         if n <= length:
             return idx
-        if idx == 0:
-            raise ValueError("cannot split the root")
         toks, lps = node.token_ids, node.logprobs
         pieces = range(length, n, length)
         first = len(self.nodes)

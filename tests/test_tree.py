@@ -68,8 +68,10 @@ def test_split_every_equals_repeated_splits(length):
             n2.parent, n2.depth, n2.token_ids, n2.logprobs, n2.finish_reason, n2.reward, n2.children, n2.info)
     assert t1.kv == t2.kv
     t2.validate()
-    with pytest.raises(ValueError, match="segment length"):
+    with pytest.raises(ValueError, match="length <= 0"):
         t2.split_every(a, 0)
+    with pytest.raises(ValueError, match="the root"):
+        t2.split_every(0, 1)
 
 
 def test_jsonl_round_trip(tmp_path):
