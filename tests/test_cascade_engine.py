@@ -9,10 +9,10 @@ import gc
 import pytest
 import torch
 
-from segrl.engine.cascade_attention import cascade_attention, key_mask
+from segrl.engine.cascade_attention import cascade_attention, key_mask, level_indices
 from segrl.engine.cascade_engine import Block, CascadeEngine, _Level, unsupported_reason
 from segrl.engine.hf_engine import Engine, SamplingParams
-from segrl.engine.kv_pool import KVPool
+from segrl.engine.kv_pool import KVPool, copy_positions, row_index
 from segrl.samplers.treepo import TreePOSampler
 from segrl.tree import FinishReason
 
@@ -118,6 +118,23 @@ def test_kv_pool_pack_moves_used_positions():
         assert torch.equal(pool.K[1][s.row, :, :n], k[:, :n])
 
 
+def test_copy_positions_with_slices_and_indices():
+    """Consecutive rows become slices; copies through slices equal indexed copies, also
+    within one store with overlapping rows (sources are read first)."""
+    assert row_index([3, 4, 5]) == slice(3, 6)
+    assert row_index([3, 5]).tolist() == [3, 5] and row_index([5, 4]).tolist() == [5, 4]
+    t = torch.arange(4 * 1 * 3 * 1, dtype=torch.float32).view(4, 1, 3, 1)  # row r holds 3r..3r+2
+    old = t.clone()
+    copy_positions(t, row_index([1, 2, 3]), t, row_index([0, 1, 2]), 2)  # shift rows down by one
+    assert t[1:, 0, :2, 0].tolist() == old[:3, 0, :2, 0].tolist() and t[0].tolist() == old[0].tolist()
+    assert t[:, 0, 2].tolist() == old[:, 0, 2].tolist()  # positions past n untouched
+    dst = torch.zeros(3, 1, 4, 1)
+    copy_positions(dst, row_index([0, 1]), old, row_index([3, 0]), 2, at=1)  # slice <- index, at an offset
+    assert dst[:, 0, :, 0].tolist() == [[0, 9, 10, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    copy_positions(dst, row_index([2, 0]), old, row_index([1, 2]), 1)  # index <- slice
+    assert dst[:, 0, 0, 0].tolist() == [6, 0, 3]
+
+
 def test_level_groups_readers_by_block_in_row_order():
     """_Level: blocks packed in the pool's front rows, each block's readers (rows of the
     call) in row order, padded with B; rows that read no block point at the dummy slot."""
@@ -127,7 +144,7 @@ def test_level_groups_readers_by_block_in_row_order():
     A, B, _ = Block(0, sa, 2), Block(0, sb, 3), Block(0, sc, 1)
     (bid, blocks), = CascadeEngine._chain_index([(B,), (), (A,), (B,), (A,), (), (B,)])
     assert bid.tolist() == [0, -1, 1, 0, 1, -1, 0] and blocks == [B, A]
-    lv = _Level(bid, blocks, pool)
+    lv = _Level(bid, blocks, pool, (1, 1))
     # by pool row: A (row 0) read by rows 2, 4; B (row 1) by rows 0, 3, 6; S = 3, padding 7
     assert lv.members_orig.tolist() == [[2, 4, 7], [0, 3, 6]]
     assert lv.dummy == 6
@@ -136,7 +153,30 @@ def test_level_groups_readers_by_block_in_row_order():
     assert lv.mask[:, 0, 0].tolist() == [[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]]
     lv.index(torch.tensor([0, 2, 3, 6]), torch.device("cpu"))  # rows 1, 4, 5 dead
     assert lv.members.tolist() == [[1, 4, 4], [0, 2, 3]] and lv.inverse.tolist() == [3, 0, 4, 5]
-    assert not lv.partial
+    assert lv.gather[2] is None  # every live row reads a block here
+
+
+def test_level_attends_blocks_in_place_unless_most_rows_are_unread():
+    """_Level packs only when at least half the pool rows up to the last block read are unread;
+    otherwise it attends in place and an unread row in between has no readers and length 0."""
+    pool = KVPool(layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    pool.reserve(4, 3)
+    slots = pool.alloc(4)  # rows 0-3
+    blocks = [Block(0, s, n) for s, n in zip(slots, (2, 3, 1, 3))]
+    pool.lens[:] = torch.tensor([2, 3, 1, 3])  # positions in use: what a pack moves
+    # Rows 0 and 2 read: 2 of the 3 rows up to row 2 -> in place, row 1 unread.
+    lv = _Level(torch.tensor([0, 2, 0]), blocks, pool, (1, 1))
+    assert [s.row for s in slots] == [0, 1, 2, 3]
+    assert lv.members_orig.tolist() == [[0, 2], [3, 3], [1, 3]]  # S = 2, padding B = 3
+    assert lv.slot_orig.tolist() == [0, 4, 1]
+    assert lv.mask[:, 0, 0].tolist() == [[0.0, 0.0], [float("-inf")] * 2, [0.0, float("-inf")]]
+    # Rows 0 and 3 read: 2 of 4 rows -> packed into rows 0 and 1.
+    pool.K[0][3, 0, :3] = 7.0
+    lv = _Level(torch.tensor([3, -1, 0]), blocks, pool, (1, 1))
+    assert sorted([slots[0].row, slots[3].row]) == [0, 1]
+    assert lv.layers[0][0].shape == (2, 1, 3, 2)
+    assert torch.equal(lv.layers[0][0][slots[3].row, 0], torch.full((3, 2), 7.0))
+    assert lv.slot_orig.tolist() == [slots[3].row, 2, slots[0].row]  # S = 1; row 1 -> dummy 2
 
 
 def test_cascade_attention_equals_plain_softmax_attention():
@@ -156,7 +196,7 @@ def test_cascade_attention_equals_plain_softmax_attention():
     reads = [0, 1, None, 0, 1]  # row 2 reads no block
     members = torch.tensor([[0, 3], [1, 4]])
     inverse = torch.tensor([0, 2, 4, 1, 3])  # slots; 4 = N*S: no block
-    out = cascade_attention(q, (K, V, key_mask(valid, 4), rows), [(blocks_K, blocks_V, key_mask(blen, 3), members, inverse, True)])
+    out = cascade_attention(q, (K, V, key_mask(valid, 4), rows), [(blocks_K, blocks_V, key_mask(blen, 3)) + level_indices(members, inverse, Hq, Hkv)])
     for r in range(R):
         keys = [K[rows[r], :, : lens[r]]]
         vals = [V[rows[r], :, : lens[r]]]
@@ -167,6 +207,23 @@ def test_cascade_attention_equals_plain_softmax_attention():
         k, v = k.repeat_interleave(Hq // Hkv, 0), v.repeat_interleave(Hq // Hkv, 0)
         ref = torch.softmax(q[r][:, None, :] @ k.transpose(-1, -2), -1) @ v
         assert torch.allclose(out[r], ref[:, 0], atol=1e-5)
+
+
+def test_level_indices_by_hand():
+    """2 blocks x 2 slots, 4 query heads over 2 KV heads (g = 2), 3 queries: query 0 reads
+    block 1 (slot 0), query 2 block 0 (slot 1), query 1 none; slots (0, 0) and (1, 1) pad."""
+    members = torch.tensor([[3, 2], [0, 3]])
+    inverse = torch.tensor([2, 4, 1])
+    qidx, sidx, none = level_indices(members, inverse, 4, 2)
+    # grouped slot (n, h, s, j) <- flat query row members[n, s] * 4 + h * 2 + j (padding -> query 0)
+    assert qidx.view(2, 2, 2, 2).tolist() == [
+        [[[0, 1], [8, 9]], [[2, 3], [10, 11]]],
+        [[[0, 1], [0, 1]], [[2, 3], [2, 3]]],
+    ]
+    # query r, head h*2+j <- grouped row ((n*2 + h)*2 + s)*2 + j
+    assert sidx.view(3, 4).tolist() == [[8, 9, 12, 13], [0, 1, 4, 5], [2, 3, 6, 7]]
+    assert none.view(-1).tolist() == [False, True, False]
+    assert level_indices(torch.tensor([[0, 1]]), torch.tensor([0, 1]), 4, 2)[2] is None
 
 
 def test_unsupported_models_keep_the_copy_engine(char_tok):

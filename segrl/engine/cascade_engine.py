@@ -39,9 +39,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..tree import FinishReason
-from .cascade_attention import cascade_attention, key_mask
+from .cascade_attention import cascade_attention, key_mask, level_indices
 from .hf_engine import Engine
-from .kv_pool import KVPool, Slot, copy_positions
+from .kv_pool import KVPool, Slot, copy_positions, row_index
 from .sampling import sample_tokens
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -152,20 +152,29 @@ class CascadeState:
 
 
 class _Level:
-    """The blocks of one level that a decode call reads, packed into the front rows of that
-    level's pool (attended in place), and which rows read which (grouped queries)."""
+    """The blocks of one level that a decode call reads, attended in place in the front rows
+    of that level's pool (packed there when they are sparse), and which rows read which
+    (grouped queries)."""
 
-    def __init__(self, bid: torch.Tensor, blocks: list[Block], pool: KVPool):
+    def __init__(self, bid: torch.Tensor, blocks: list[Block], pool: KVPool, heads: tuple[int, int]):
         """``bid [B]``: for each row of the call, the index in ``blocks`` of the block of this
-        level it reads, -1 for none (or a row not decoding now)."""
+        level it reads, -1 for none (or a row not decoding now); ``heads``: ``(Hq, Hkv)``."""
+        self.heads = heads
         readers = (bid >= 0).nonzero().squeeze(1)
         used = torch.unique(bid[readers])
         mine = [blocks[c] for c in used.tolist()]
-        pool.pack([b.slot for b in mine])  # the blocks read in rows [:N], any order
-        N, B = len(mine), bid.shape[0]
+        rows = [b.slot.row for b in mine]
+        if 2 * len(mine) <= max(rows) + 1:
+            # At least half the rows up to the last block read are not read: pack the
+            # blocks read into rows [:n]. Otherwise attend in place, unread rows included
+            # (their scores are never picked): packing at every re-pack moved more than it
+            # saved (TreePO on the embedded model: 20 of 30 ms per run spent packing).
+            pool.pack([b.slot for b in mine])
+            rows = [b.slot.row for b in mine]
+        N, B = max(rows) + 1, bid.shape[0]
         row = torch.full((len(blocks),), -1, dtype=torch.long)
-        row[used] = torch.tensor([b.slot.row for b in mine])  # pool row (< N) of each block read
-        lengths = torch.empty(N, dtype=torch.long)
+        row[used] = torch.tensor(rows)  # pool row (< N) of each block read
+        lengths = torch.zeros(N, dtype=torch.long)  # 0: a row no reader reads
         lengths[row[used]] = torch.tensor([b.length for b in mine])
         T = int(lengths.max())
         self.layers = [(K[:N, :, :T], V[:N, :, :T]) for K, V in zip(pool.K, pool.V)]
@@ -184,23 +193,22 @@ class _Level:
         slot[readers] = at * S + rank
         self.members_orig = flat.view(N, S)
         self.slot_orig = slot
-        self.members = self.inverse = None
-        self.partial = True
+        self.members = self.inverse = self.gather = None
 
     def index(self, alive: torch.Tensor, device) -> None:
-        """Point the slots at the live rows' batch positions (dead rows -> the zero query)."""
+        """Point the slots at the live rows' batch positions (a dead row's slot becomes
+        padding) and build the gather indices of :func:`level_indices` for them."""
         B, live = self.slot_orig.shape[0], alive.shape[0]
         pos = torch.full((B + 1,), live, dtype=torch.long)
         pos[alive] = torch.arange(live)
-        self.members = pos[self.members_orig].to(device)
-        inv = self.slot_orig[alive]
-        self.partial = bool((inv == self.dummy).any())  # some live row reads no block here
-        self.inverse = inv.to(device)
+        self.members = pos[self.members_orig]
+        self.inverse = self.slot_orig[alive]
+        self.gather = tuple(x if x is None else x.to(device) for x in level_indices(self.members, self.inverse, *self.heads))
 
     def part(self, li: int):
         """This level's arguments to :func:`cascade_attention` for layer ``li``."""
         K, V = self.layers[li]
-        return K, V, self.mask, self.members, self.inverse, self.partial
+        return (K, V, self.mask) + self.gather
 
 
 class CascadeEngine(Engine):
@@ -345,12 +353,13 @@ class CascadeEngine(Engine):
                 slots[r] = slot
             cp = [r for r in fresh if r in source]
             if cp:
-                dst = torch.tensor([slots[r].row for r in cp], device=tails.device)  # type: ignore[union-attr]
-                src = torch.tensor([source[r].slot.row for r in cp], device=tails.device)  # type: ignore[union-attr]
+                drows = [slots[r].row for r in cp]  # type: ignore[union-attr]
+                dst = row_index(drows, tails.device)
+                src = row_index([source[r].slot.row for r in cp], tails.device)  # type: ignore[union-attr]
                 n = max(lens0[r] for r in cp)
                 for t in tails.K + tails.V:
                     copy_positions(t, dst, t, src, n)
-                tails.lens[dst.cpu()] = torch.tensor([lens0[r] for r in cp])  # so that pack moves them
+                tails.lens[drows] = torch.tensor([lens0[r] for r in cp])  # so that pack moves them
             for r in heir:
                 slots[r] = source[r].give_up_slot()
 
@@ -464,7 +473,7 @@ class CascadeEngine(Engine):
             live[at] = bid[at]
             if not bool((live >= 0).any()):
                 break  # chains are prefixes: no live row reads a deeper level either
-            levels.append(_Level(live, blocks, self._pool(level)))
+            levels.append(_Level(live, blocks, self._pool(level), self._heads[:2]))
         for lv in levels:
             lv.index(at, self.device)
         return levels
@@ -484,27 +493,27 @@ class CascadeEngine(Engine):
         F, mmax, nmax = len(forks), max(m), max(n)
         pool.reserve(F, mmax + nmax)  # (copies run nmax past a shorter tail: masked filler)
         new = pool.alloc(F)
-        dst = torch.tensor([s.row for s in new], device=pool.device)
+        rows = [s.row for s in new]
+        dev = pool.device
         if mmax:  # rows are copied whole up to mmax: past a block's length is masked filler
             wm = [i for i, b in enumerate(mids) if b is not None]
-            mdst = dst[torch.tensor(wm, device=pool.device)]
-            msrc = torch.tensor([mids[i].slot.row for i in wm], device=pool.device)  # type: ignore[union-attr]
+            mdst = row_index([rows[i] for i in wm], dev)
+            msrc = row_index([mids[i].slot.row for i in wm], dev)  # type: ignore[union-attr]
         # A fork's tail goes after its level-1 part: one slice copy per distinct offset.
         by_offset: dict[int, list[int]] = {}
         for i, a in enumerate(m):
             by_offset.setdefault(a, []).append(i)
-        moves = []
-        for a, idx in by_offset.items():
-            it = torch.tensor(idx, device=pool.device)
-            src = torch.tensor([forks[i].slot.row for i in idx], device=pool.device)  # type: ignore[union-attr]
-            moves.append((a, dst[it], src))
+        moves = [
+            (a, row_index([rows[i] for i in idx], dev), row_index([forks[i].slot.row for i in idx], dev))  # type: ignore[union-attr]
+            for a, idx in by_offset.items()
+        ]
         for P, Tt in zip(pool.K + pool.V, T.K + T.V):
             if mmax:
                 copy_positions(P, mdst, P, msrc, mmax)
             for a, d, src in moves:
                 copy_positions(P, d, Tt, src, nmax, at=a)
+        pool.lens[rows] = torch.tensor([a + b for a, b in zip(m, n)])
         for cs, slot, a, b in zip(forks, new, m, n):
-            pool.lens[slot.row] = a + b
             cs._forked = cs.blocks[:1] + (self._new_block(1, slot, a + b),)
 
     def _step(self, inp, pos, trow, nbuf: int, levels: list[_Level], plan: list[_LayerPlan]) -> torch.Tensor:

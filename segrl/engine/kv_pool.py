@@ -19,12 +19,31 @@ import weakref
 import torch
 
 
-def copy_positions(dst: torch.Tensor, dst_rows: torch.Tensor, src: torch.Tensor, src_rows: torch.Tensor, n: int, at: int = 0) -> None:
+def row_index(rows: list[int], device=None) -> torch.Tensor | slice:
+    """``rows`` as a slice when they are consecutive, else as an index tensor: a slice copy
+    skips the gather/scatter (a 252-row, 24-position copy on CPU: 59 us with both sides
+    slices, 170 us with the destination one, 380-490 us indexed)."""
+    if rows and rows[-1] - rows[0] == len(rows) - 1 and all(b - a == 1 for a, b in zip(rows, rows[1:])):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def copy_positions(dst: torch.Tensor, dst_rows: torch.Tensor | slice, src: torch.Tensor, src_rows: torch.Tensor | slice, n: int, at: int = 0) -> None:
     """``dst[dst_rows, :, at:at+n] = src[src_rows, :, :n]`` for ``[rows, H, positions, D]``
-    stores. ``index_select`` + ``index_copy_`` on the position slices (~3.5x faster on CPU
-    than advanced-index assignment); the sources are read before any write, so ``src`` may
-    be ``dst`` with overlapping rows."""
-    dst[:, :, at : at + n].index_copy_(0, dst_rows, src[:, :, :n].index_select(0, src_rows))
+    stores; rows as index tensors or slices (:func:`row_index`). Indexed rows use
+    ``index_select`` + ``index_copy_`` on the position slices (~3.5x faster on CPU than
+    advanced-index assignment). The sources are read before any write, so ``src`` may be
+    ``dst`` with overlapping rows (then they are always gathered into a copy first)."""
+    if isinstance(src_rows, slice) and src is not dst:
+        val = src[src_rows, :, :n]
+    else:
+        if isinstance(src_rows, slice):
+            src_rows = torch.arange(src_rows.start, src_rows.stop, device=src.device)
+        val = src[:, :, :n].index_select(0, src_rows)
+    if isinstance(dst_rows, slice):
+        dst[dst_rows, :, at : at + n].copy_(val)
+    else:
+        dst[:, :, at : at + n].index_copy_(0, dst_rows, val)
 
 
 class Slot:
@@ -83,8 +102,9 @@ class KVPool:
         for _ in range(n):
             s = Slot(heapq.heappop(self.free))
             self.holders[s.row] = s
-            self.lens[s.row] = 0
             out.append(s)
+        if out:
+            self.lens[[s.row for s in out]] = 0
         return out
 
     def release(self, slot: Slot) -> None:
@@ -117,10 +137,11 @@ class KVPool:
         lens = self.lens[si].clone()
         # Only positions in use move (a fresh row has none): rows are reused, so what lies
         # past a row's length is finite filler that attention masks out.
-        used = lens > 0
-        n = int(lens.max()) if bool(used.any()) else 0
+        used = (lens > 0).tolist()
+        n = int(lens.max()) if any(used) else 0
         if n:
-            sd, dd = si[used].to(self.device), di[used].to(self.device)
+            sd = row_index([r for r, u in zip(src, used) if u], self.device)
+            dd = row_index([r for r, u in zip(dst, used) if u], self.device)
             for store in (self.K, self.V):
                 for t in store:
                     copy_positions(t, dd, t, sd, n)
