@@ -157,8 +157,9 @@ def test_level_groups_readers_by_block_in_row_order():
 
 
 def test_level_attends_blocks_in_place_unless_most_rows_are_unread():
-    """_Level packs only when at least half the pool rows up to the last block read are unread;
-    otherwise it attends in place and an unread row in between has no readers and length 0."""
+    """_Level packs only when at least half the pool rows of the window from the first to the
+    last block read are unread; otherwise it attends the window in place and an unread row in
+    between has no readers and length 0."""
     pool = KVPool(layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
     pool.reserve(4, 3)
     slots = pool.alloc(4)  # rows 0-3
@@ -170,6 +171,16 @@ def test_level_attends_blocks_in_place_unless_most_rows_are_unread():
     assert lv.members_orig.tolist() == [[0, 2], [3, 3], [1, 3]]  # S = 2, padding B = 3
     assert lv.slot_orig.tolist() == [0, 4, 1]
     assert lv.mask[:, 0, 0].tolist() == [[0.0, 0.0], [float("-inf")] * 2, [0.0, float("-inf")]]
+    # Rows 2 and 3 read: the window [2, 4) is all read -> attended in place (nothing moves),
+    # window row 0 = pool row 2.
+    pool.K[0][2, 0, :3] = 5.0
+    lv = _Level(torch.tensor([3, 2, -1]), blocks, pool, (1, 1))
+    assert [s.row for s in slots] == [0, 1, 2, 3]
+    assert lv.layers[0][0].shape == (2, 1, 3, 2)
+    assert torch.equal(lv.layers[0][0][0, 0], torch.full((3, 2), 5.0))
+    assert lv.members_orig.tolist() == [[1], [0]]  # S = 1: window row 0 <- query 1, row 1 <- query 0
+    assert lv.slot_orig.tolist() == [1, 0, 2]  # query 2 reads no block: the dummy slot N*S = 2
+    assert lv.mask[:, 0, 0].tolist() == [[0.0, float("-inf"), float("-inf")], [0.0, 0.0, 0.0]]
     # Rows 0 and 3 read: 2 of 4 rows -> packed into rows 0 and 1.
     pool.K[0][3, 0, :3] = 7.0
     lv = _Level(torch.tensor([3, -1, 0]), blocks, pool, (1, 1))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from segrl.configs import ConfigError, SegrlConfig, TreePOConfig, load_config
+from segrl.engine.cascade_engine import CascadeEngine
 from segrl.engine.hf_engine import Engine, EngineStats, SamplingParams
 from segrl.samplers.treepo import TreePOSampler, allocate_branches, branch_budget, has_repetition, tree_metrics
 from segrl.tree import FinishReason, RolloutTree
@@ -277,11 +278,17 @@ def test_width_invariant_and_exact_leaves(model, tp):
             assert _forward_logprobs(model, t, l) == pytest.approx(t.path_logprobs(l), abs=2e-4)
 
 
-def test_fallback_regrows_from_kept_prefix(model):
+@pytest.mark.parametrize("kv_sharing, fork_min_tokens", [("cascade", None), ("cascade", 4), ("copy", None)])
+def test_fallback_regrows_from_kept_prefix(model, kv_sharing, fork_min_tokens, monkeypatch):
     """Fallback children are decoded from a context rebuilt from the kept prefix: their
     log-probs equal a full forward pass over prefix + segment (the released code kept a
-    stale, longer context here)."""
-    cfg = make_cfg(max_len=24, segment_length=4, max_depth=3, width=10, initial_width=2, fallback_trajectory_policy="random_all")
+    stale, longer context here). The kept prefix's KV is cropped from the cut leaf's cached
+    state where it can be (no prefill), else prefilled; either way the same trees. With
+    fork_min_tokens=4 the cascade engine's leaves read level-1 blocks, so cuts fall inside
+    and past a block, not only in the private tail."""
+    if fork_min_tokens is not None:
+        monkeypatch.setattr(CascadeEngine, "fork_min_tokens", fork_min_tokens)
+    cfg = make_cfg(max_len=24, segment_length=4, max_depth=3, width=10, initial_width=2, fallback_trajectory_policy="random_all", kv_sharing=kv_sharing)
     eng = engine_for(model, seed=5)
     trees = eng.new_trees(prompts(4))
     s = TreePOSampler(cfg)
@@ -299,17 +306,38 @@ def test_fallback_regrows_from_kept_prefix(model):
         for l in t.leaves():
             assert _forward_logprobs(model, t, l) == pytest.approx(t.path_logprobs(l), abs=2e-4)
         assert len(t.leaves()) == 10
-    assert eng.stats.prefill_tokens > sum(len(t.prompt_ids()) - 1 for t in trees)  # contexts rebuilt
+        assert not t.kv  # the finished leaves' states kept for cropping are released too
+    prompt_tokens = sum(len(t.prompt_ids()) - 1 for t in trees)
+    points = sum(t[0].info["treepo"]["fallback_points"] for t in trees)
+    assert 0 < eng.stats.kv_crops <= points
+    # Without cropping every fallback point is prefilled from its kept prefix: same trees.
+    eng2 = engine_for(model, seed=5)
+    eng2.cache_prefix = lambda tree, node, source: False
+    if kv_sharing == "cascade":
+        view = eng2._cascade_view = CascadeEngine.from_engine(eng2)
+        view.cache_prefix = eng2.cache_prefix
+    trees2 = eng2.new_trees(prompts(4))
+    TreePOSampler(cfg).grow(eng2, trees2)
+    assert eng2.stats.kv_crops == 0 and eng2.stats.prefill_tokens > eng.stats.prefill_tokens >= prompt_tokens
+    for t, t2 in zip(trees, trees2):
+        assert [n.token_ids for n in t.nodes] == [n.token_ids for n in t2.nodes]
+        assert [n.logprobs for n in t.nodes] == [pytest.approx(n.logprobs, abs=1e-4) for n in t2.nodes]
 
 
 def test_misaligned_fallback_window_splits_segments(model):
-    cfg = make_cfg(max_len=24, segment_length=4, max_depth=3, width=8, fallback_window=3, fallback_trajectory_policy="random_all")
-    eng = engine_for(model, seed=11)
-    trees = eng.new_trees(prompts(3))
+    """A fallback window that is not a multiple of the segment length cuts inside a segment:
+    that node is split so the cut point is a node, the cut point's state is cropped from the
+    leaf, and the regrown paths still score exactly like a full forward pass."""
+    cfg = make_cfg(max_len=24, segment_length=4, max_depth=3, width=10, initial_width=2, fallback_window=3, fallback_trajectory_policy="random_all")
+    eng = engine_for(model, seed=8)
+    trees = eng.new_trees(prompts(4))
     TreePOSampler(cfg).grow(eng, trees)
+    assert sum(t[0].info["treepo"]["fallback_points"] for t in trees) > 0, "expected a fallback"
+    assert any(len(t[i].token_ids) % 4 and t[i].children for t in trees for i in range(1, len(t)))  # a split segment
+    assert eng.stats.kv_crops > 0
     for t in trees:
         t.validate()
-        assert len(t.leaves()) == 8
+        assert len(t.leaves()) == 10 and not t.kv
         for l in t.leaves():
             assert _forward_logprobs(model, t, l) == pytest.approx(t.path_logprobs(l), abs=2e-4)
 

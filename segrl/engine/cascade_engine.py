@@ -164,20 +164,24 @@ class _Level:
         used = torch.unique(bid[readers])
         mine = [blocks[c] for c in used.tolist()]
         rows = [b.slot.row for b in mine]
-        if 2 * len(mine) <= max(rows) + 1:
-            # At least half the rows up to the last block read are not read: pack the
-            # blocks read into rows [:n]. Otherwise attend in place, unread rows included
-            # (their scores are never picked): packing at every re-pack moved more than it
-            # saved (TreePO on the embedded model: 20 of 30 ms per run spent packing).
+        lo, hi = min(rows), max(rows) + 1
+        if 2 * len(mine) <= hi - lo:
+            # At least half the rows of the window [lo, hi) of the blocks read are not read:
+            # pack the blocks read into rows [:n]. Otherwise attend the window in place,
+            # unread rows included (their scores are never picked). Packing at every re-pack
+            # moved more than it saved (TreePO on the embedded model: 20 of 30 ms per run);
+            # the window, not [0, hi), keeps a tree's last round from packing as its first
+            # rows' blocks are released (continuous batching reads blocks in row order).
             pool.pack([b.slot for b in mine])
             rows = [b.slot.row for b in mine]
-        N, B = max(rows) + 1, bid.shape[0]
+            lo, hi = 0, max(rows) + 1
+        N, B = hi - lo, bid.shape[0]
         row = torch.full((len(blocks),), -1, dtype=torch.long)
-        row[used] = torch.tensor(rows)  # pool row (< N) of each block read
+        row[used] = torch.tensor(rows) - lo  # window row (< N) of each block read
         lengths = torch.zeros(N, dtype=torch.long)  # 0: a row no reader reads
         lengths[row[used]] = torch.tensor([b.length for b in mine])
         T = int(lengths.max())
-        self.layers = [(K[:N, :, :T], V[:N, :, :T]) for K, V in zip(pool.K, pool.V)]
+        self.layers = [(K[lo:hi, :, :T], V[lo:hi, :, :T]) for K, V in zip(pool.K, pool.V)]
         self.mask = key_mask(lengths.to(pool.device), T)
         # Readers grouped by block (pool row), each block's readers in row order.
         at = row[bid[readers]]
@@ -217,9 +221,10 @@ class CascadeEngine(Engine):
     waiting rows as others finish instead of decoding static batches one after another).
 
     Cached states are :class:`CascadeState` objects whose KV lives in pools owned by the
-    engine (one per block level, one for private tails), reused across calls. A state
-    inside a longer cached path is not cropped out (such a node is prefilled instead), so
-    SPO-chain keeps :class:`Engine`. :meth:`from_engine` gives a view of an existing engine
+    engine (one per block level, one for private tails), reused across calls. A node inside
+    a longer cached path is prefilled when extended, not cropped out of it implicitly (so
+    SPO-chain keeps :class:`Engine`); :meth:`cache_prefix` crops one explicitly (TreePO's
+    fallback points). :meth:`from_engine` gives a view of an existing engine
     (same model, generator and counters).
     """
 
@@ -279,7 +284,43 @@ class CascadeEngine(Engine):
         return sys.maxsize  # one call; it keeps <= max_batch_size rows decoding (continuous batching)
 
     def _lookup(self, tree, node):
-        return tree.kv.get(node)  # no crops of longer states: the node is prefilled instead
+        return tree.kv.get(node)  # no implicit crops of longer states (see cache_prefix)
+
+    def _crop(self, state: CascadeState, positions: int) -> CascadeState | None:
+        """The first ``positions`` positions of ``state``: its level-0 block, its level-1 block
+        if the crop reaches past it, and the rest copied into a new private tail (a crop inside
+        the level-1 block copies that part of the block). None inside the level-0 context
+        (a prefilled block is not split: the node is prefilled instead)."""
+        if not isinstance(state, CascadeState):
+            return None
+        chain, own = (state._forked, 0) if state._forked is not None else (state.blocks, state.own_len)
+        l0 = chain[0].length if chain else 0
+        if positions < l0 or positions > l0 + sum(b.length for b in chain[1:]) + own:
+            return None
+        mid = chain[1] if len(chain) > 1 else None
+        m = mid.length if mid is not None else 0
+        n = positions - l0
+        if n == 0:
+            return CascadeState(chain[:1])
+        if mid is not None and n >= m:
+            keep, n, src_pool, src_row = chain[:2], n - m, self._tails, state.slot
+        elif mid is not None:  # inside the level-1 block: copy its first n positions
+            keep, src_pool, src_row = chain[:1], self._pool(1), mid.slot
+        else:
+            keep, src_pool, src_row = chain[:1], self._tails, state.slot
+        if n == 0:
+            return CascadeState(keep)
+        tails = self._tails
+        tails.reserve(1, n)
+        slot = tails.alloc(1)[0]
+        src = torch.tensor([src_row.row])  # type: ignore[union-attr]
+        dst = torch.tensor([slot.row])
+        for t, f in zip(tails.K + tails.V, src_pool.K + src_pool.V):
+            copy_positions(t, dst, f, src, n)
+        tails.lens[slot.row] = n
+        out = CascadeState(keep, slot, n)
+        out._fin = tails.own(out, slot)
+        return out
 
     def _new_block(self, level: int, slot: Slot, length: int) -> Block:
         blk = Block(level, slot, length)
@@ -531,6 +572,10 @@ class CascadeEngine(Engine):
         valid = tails.lens[:nbuf].to(self.device) + 0
         valid[trow] = at + 1
         mask = key_mask(valid, T)  # once per step, for every layer
+        # Where each row's new key/value goes in a layer's pool viewed as [rows*Hkv*P, D]:
+        # one index_copy_ per layer and store (advanced-index assignment cost ~4x as much).
+        P = tails.K[0].shape[2]
+        put = ((trow[:, None] * Hkv + torch.arange(Hkv, device=trow.device)) * P + at[:, None]).reshape(-1)
         x = self._inner.embed_tokens(inp)  # [R, hidden]
         cos, sin = self._inner.rotary_emb(x[:, None], pos[:, None])  # [R, 1, D]
         cos, sin = cos[:, 0, None, :], sin[:, 0, None, :] * self._rot_sign  # rotate_half(x)*sin = roll(x)*sin'
@@ -545,8 +590,8 @@ class CascadeEngine(Engine):
             qk = qk * cos + torch.roll(qk, D // 2, -1) * sin  # rotary embedding of q and k at once
             q = qk[:, :Hq] * self._scaling  # [R, Hq, D]
             K, V = tails.K[li], tails.V[li]
-            K[trow, :, at] = qk[:, Hq:]
-            V[trow, :, at] = qkv[:, (Hq + Hkv) * D :].view(R, Hkv, D)
+            K.view(-1, D).index_copy_(0, put, qk[:, Hq:].reshape(R * Hkv, D))
+            V.view(-1, D).index_copy_(0, put, qkv[:, (Hq + Hkv) * D :].reshape(R * Hkv, D))
             private = (K[:nbuf, :, :T], V[:nbuf, :, :T], mask, None if dense else trow)
             o = cascade_attention(q, private, [lv.part(li) for lv in levels])
             x = x + lp.o_proj(o.to(x.dtype).reshape(R, Hq * D))

@@ -257,8 +257,27 @@ class Engine:
         for d in tree.subtree(node)[1:]:
             if d in tree.kv:
                 self.stats.kv_crops += 1
-                return [(k[:, :want], v[:, :want]) for k, v in tree.kv[d]]
+                return self._crop(tree.kv[d], want)
         return None
+
+    def _crop(self, state: KVState, positions: int) -> KVState | None:
+        """The state of the first ``positions`` positions of ``state``'s path (None: cannot)."""
+        return [(k[:, :positions], v[:, :positions]) for k, v in state]
+
+    def cache_prefix(self, tree: RolloutTree, node: int, source: int) -> bool:
+        """Cache ``node``'s state as a crop of the cached state of its descendant ``source``,
+        with no forward pass (a TreePO fallback point cut from a finished leaf). Returns False,
+        caching nothing, when ``source`` has no cached state or it cannot be cropped there;
+        the node is then prefilled when it is extended."""
+        state = tree.kv.get(source)
+        if state is None:
+            return False
+        crop = self._crop(state, tree.path_len(node) - 1)
+        if crop is None:
+            return False
+        self.stats.kv_crops += 1
+        tree.kv[node] = crop
+        return True
 
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         self.stats.forward_calls += 1

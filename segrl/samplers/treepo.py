@@ -298,7 +298,11 @@ class TreePOSampler:
                 lims.append(max(1, room if to_end else min(tp.segment_length, room)))
                 kids.append(k)
                 meta.append((s, node in s.fallback_nodes, to_end))
-        out = engine.extend(refs, lims, kids) if refs else []  # ONE batched call per round
+        # Paths that end this round keep their cached state until the fallback below has cut
+        # from them (a cut point's state is then a crop of it, not a new prefill), unless no
+        # fallback can follow (every served prompt saturated, or fallback off).
+        crop = tp.fallback and not all(to_end for _, _, to_end in meta) and hasattr(engine, "cache_prefix")
+        out = engine.extend(refs, lims, kids, keep_kv=crop) if refs else []  # ONE batched call per round
         for s in states:
             s.pending, s.active, s.new_finished, s.fallback_nodes = {}, [], 0, set()
         for (s, from_fallback, to_end), children in zip(meta, out):
@@ -312,7 +316,6 @@ class TreePOSampler:
                     s.active.append(c)
                 else:
                     tree[c].finish_reason = reason
-                    tree.kv.pop(c, None)  # a finished leaf is never extended
                     s.finished.append(c)
                     s.new_finished += 1
         for s in states:
@@ -325,7 +328,10 @@ class TreePOSampler:
                 alloc = allocate_branches(budget, self._weights(s.tree, s.active, temperature), g)
                 s.pending = dict(zip(s.active, alloc))
             elif tp.fallback and len(s.finished) < w:
-                self._fallback(s, w, g)
+                self._fallback(s, w, g, engine if crop else None)
+        for s in states:  # (s.finished, not the indices above: a cut may have split a leaf)
+            for c in s.finished:
+                s.tree.kv.pop(c, None)
 
     def _saturated(self, s: _Prompt) -> bool:
         """True when no branching or fallback can happen any more for this prompt.
@@ -477,7 +483,11 @@ class TreePOSampler:
         return t1 + (t0 - t1) * 0.5 * (1 + math.cos(math.pi * p))
 
     # ----- depth-first fallback -------------------------------------------------------------
-    def _fallback(self, s: _Prompt, width: int, g: torch.Generator) -> None:
+    def _fallback(self, s: _Prompt, width: int, g: torch.Generator, engine: Engine | None = None) -> None:
+        """Regrow ``width - finished`` paths from cut points of finished leaves. With
+        ``engine``, a cut point's state is cropped from its leaf's cached state where the
+        engine can (the KV of the kept prefix is exactly that of a forward pass over it);
+        other cut points are prefilled from their kept prefix when extended."""
         need = width - len(s.finished)
         cands = self._candidates(s, g)
         copies = self.tp.fallback_copies or self.divergence
@@ -490,6 +500,8 @@ class TreePOSampler:
             j = i % len(cands)
             i += 1
             cut = self._cut(s, cands, j, points, g)
+            if engine is not None and cut not in s.tree.kv:
+                engine.cache_prefix(s.tree, cut, cands[j])  # type: ignore[attr-defined]
             n = min(copies, need)
             points[cut] = points.get(cut, 0) + n
             need -= n
