@@ -11,6 +11,13 @@ decoded-token saving turns into wall-clock saving).
     python -m segrl.bench_treepo                      # embedded model, then smollm2-135m if available
     python -m segrl.bench_treepo --models default --prompts 64 --width 16 --repeats 3
 
+The default batch is RL-sized: 256 prompts x 16 leaves (4,096 trajectories; TreePO's runs
+sample 512 x 16 per step) on the embedded model, 64 x 16 on other models, with at most 512
+rows decoded at once, so a batch holds several times the rows a step decodes, as in
+training. A small batch (``--prompts 64``, ``--other-prompts 16``) leaves the tree's first
+rounds with few rows while independent sampling decodes full batches from its first step;
+docs/benchmarks.md reports both.
+
 Timings are medians over ``--repeats`` alternating runs after one full warm-up run of each;
 the efficiency is also given paired per repeat (the two samplers of one repeat ran back to
 back), which the machine's speed drifting over a run moves less, and from each sampler's
@@ -276,14 +283,14 @@ def format_table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m segrl.bench_treepo", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="default,smollm2-135m", help="comma-separated model names (unavailable ones are skipped)")
-    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=256, help="prompts for the embedded model (x --width leaves: an RL-sized batch)")
     p.add_argument("--width", type=int, default=16, help="leaves per prompt (both samplers; 16 = the paper's width)")
     p.add_argument("--max-len", type=int, default=64, help="token budget per trajectory (both samplers)")
     p.add_argument("--segment-length", type=int, default=8)
     p.add_argument("--max-depth", type=int, default=0, help="default: ceil(max_len / segment_length)")
     p.add_argument("--divergence", type=int, default=2)
     p.add_argument("--initial-width", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
     p.add_argument("--other-task", default="gsm8k", help="prompts for models other than 'default' (the embedded model always uses arithmetic)")
     p.add_argument("--other-segment-length", type=int, default=0, help="segment length for models other than 'default' (0 = --segment-length)")
-    p.add_argument("--other-repeats", type=int, default=5, help="repeats for models other than 'default' (0 = --repeats; one SmolLM2-135M repeat of both samplers takes ~80 s)")
+    p.add_argument("--other-repeats", type=int, default=3, help="repeats for models other than 'default' (0 = --repeats; one SmolLM2-135M repeat of both samplers at 64 prompts takes ~5 min)")
     p.add_argument("--engine", default="cascade", choices=["cascade", "hf"], help="cascade: shared-prefix KV read once per block (CascadeEngine); hf: one DynamicCache row per trajectory (Engine)")
     p.add_argument("--max-rows", type=int, default=0, help="row capacity per engine round (continuous batching over prompts); 0 = all prompts in one batch")
     p.add_argument("--samplers", default="", help=f"comma-separated subset of {','.join(SAMPLERS)} (default: all under --max-rows, else independent,treepo)")

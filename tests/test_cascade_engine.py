@@ -73,6 +73,23 @@ def test_rows_of_one_node_start_at_different_steps(tiny_model, char_tok, fork_mi
 
 
 @pytest.mark.parametrize("fork_min_tokens", [1, 1000])
+def test_private_window_past_the_front_rows(tiny_model, char_tok, fork_min_tokens):
+    """A group of rows whose tails lie past the pool's front rows is attended where it lies
+    (the window starts past row 0), with the same log-probs as a full forward pass."""
+    eng = CascadeEngine(tiny_model, char_tok, SamplingParams(temperature=1.0), max_batch_size=4, seed=5, eos_token_ids=[])
+    eng.fork_min_tokens = fork_min_tokens
+    windows = []
+    step = eng._step
+    eng._step = lambda inp, pos, trow, buf, *a: windows.append(buf) or step(inp, pos, trow, buf, *a)
+    trees = grow(eng, [[2, 5, 6, 7], [2, 9], [2, 3, 4]])
+    assert max(n for _, n in windows) == 4 and any(lo > 0 for lo, _ in windows)
+    for t in trees:
+        for leaf in t.leaves():
+            ref = full_forward_logprobs(tiny_model, t, leaf)
+            assert torch.allclose(ref, torch.tensor(t.path_logprobs(leaf)), atol=1e-4)
+
+
+@pytest.mark.parametrize("fork_min_tokens", [1, 1000])
 def test_cascade_samples_the_same_tokens_as_engine(tiny_model, char_tok, fork_min_tokens):
     out = []
     for cls in (Engine, CascadeEngine):
@@ -99,23 +116,49 @@ def test_pool_rows_are_freed_with_the_trees(tiny_model, char_tok, fork_min_token
     assert [p.rows for p in pools] == rows
 
 
-def test_kv_pool_pack_moves_used_positions():
+def _filled_pool(rows: int, lens: dict[int, int]):
+    """A 2-layer pool of ``rows`` rows; row r holds ``lens[r]`` positions of value 10r + layer + 1."""
     pool = KVPool(layers=2, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
-    pool.reserve(4, 3)
-    a, b, c, d = pool.alloc(4)
-    for s, n in ((a, 1), (c, 2), (d, 3)):
+    pool.reserve(rows, 3)
+    slots = pool.alloc(rows)
+    for s in slots:
+        n = lens.get(s.row, 0)
         for li in range(2):
             pool.K[li][s.row, :, :n] = float(10 * s.row + li + 1)
         pool.lens[s.row] = n
-    before = {id(s): (pool.K[1][s.row].clone(), int(pool.lens[s.row])) for s in (c, d)}
+    return pool, slots
+
+
+def _contents(pool, slots):
+    """Each slot's used positions (layer 1) as a list, and its length."""
+    return {id(s): (pool.K[1][s.row, :, : int(pool.lens[s.row])].tolist(), int(pool.lens[s.row])) for s in slots}
+
+
+def test_kv_pool_pack_moves_used_positions():
+    """pack() gathers the slots into one window of rows, moving as few used positions as
+    it can: a group already in one stretch stays put; otherwise the outliers move into the
+    window's free rows, or swap with other owners' rows there."""
+    pool, (a, b, c, d) = _filled_pool(4, {0: 1, 2: 2, 3: 3})
+    before = _contents(pool, (c, d))
     pool.release(a)
     pool.release(b)
-    pool.pack([c, d])  # rows 2 and 3 move into the freed rows 0 and 1
-    assert sorted([c.row, d.row]) == [0, 1]
-    for s in (c, d):
-        k, n = before[id(s)]
-        assert int(pool.lens[s.row]) == n
-        assert torch.equal(pool.K[1][s.row, :, :n], k[:, :n])
+    assert pool.pack([c, d]) == 2  # rows 2 and 3 already form a window: nothing moves
+    assert (c.row, d.row) == (2, 3) and _contents(pool, (c, d)) == before
+
+    pool, s = _filled_pool(6, {0: 1, 1: 2, 2: 3, 4: 2, 5: 1})
+    group = [s[0], s[1], s[5]]  # 3 rows: the window [0, 3) holds 3 of their 4 used positions
+    before, other = _contents(pool, group), _contents(pool, [s[2]])
+    assert pool.pack(group) == 0
+    assert sorted(x.row for x in group) == [0, 1, 2] and (s[0].row, s[1].row) == (0, 1)
+    assert s[2].row == 5  # the other owner in the window swapped out to the vacated row
+    assert _contents(pool, group) == before and _contents(pool, [s[2]]) == other
+    assert before[id(s[5])][0] == [[[52.0, 52.0]]] and other[id(s[2])][1] == 3  # 10r + layer + 1 at r = 5, layer 1
+    pool.release(s[0])
+    pool.release(s[1])
+    # Rows 0 and 1 are free now, but s[4] and s[2] lie in rows 4 and 5: they stay there.
+    assert pool.pack([s[4], s[2]]) == 4 and (s[4].row, s[2].row) == (4, 5)
+    # A group of fresh (empty) rows and one used row: the window is the used row's.
+    assert pool.pack([s[3], s[2]]) == 4 and s[2].row == 5 and s[3].row == 4 and s[4].row == 3
 
 
 def test_copy_positions_with_slices_and_indices():
@@ -181,13 +224,16 @@ def test_level_attends_blocks_in_place_unless_most_rows_are_unread():
     assert lv.members_orig.tolist() == [[1], [0]]  # S = 1: window row 0 <- query 1, row 1 <- query 0
     assert lv.slot_orig.tolist() == [1, 0, 2]  # query 2 reads no block: the dummy slot N*S = 2
     assert lv.mask[:, 0, 0].tolist() == [[0.0, float("-inf"), float("-inf")], [0.0, 0.0, 0.0]]
-    # Rows 0 and 3 read: 2 of 4 rows -> packed into rows 0 and 1.
+    # Rows 0 and 3 read: 2 of 4 rows -> packed into the two-row window that holds the most
+    # used positions, [2, 4) (row 3 has 3, row 0 has 2): block 0 swaps with block 2.
     pool.K[0][3, 0, :3] = 7.0
+    pool.K[0][0, 0, :2] = 4.0
     lv = _Level(torch.tensor([3, -1, 0]), blocks, pool, (1, 1))
-    assert sorted([slots[0].row, slots[3].row]) == [0, 1]
+    assert [s.row for s in slots] == [2, 1, 0, 3]
     assert lv.layers[0][0].shape == (2, 1, 3, 2)
-    assert torch.equal(lv.layers[0][0][slots[3].row, 0], torch.full((3, 2), 7.0))
-    assert lv.slot_orig.tolist() == [slots[3].row, 2, slots[0].row]  # S = 1; row 1 -> dummy 2
+    assert torch.equal(lv.layers[0][0][1, 0], torch.full((3, 2), 7.0))  # window row 1 = pool row 3
+    assert torch.equal(lv.layers[0][0][0, 0, :2], torch.full((2, 2), 4.0))  # block 0, moved
+    assert lv.slot_orig.tolist() == [1, 2, 0]  # S = 1; query 1 reads none -> dummy 2
 
 
 def test_cascade_attention_equals_plain_softmax_attention():

@@ -152,8 +152,8 @@ class CascadeState:
 
 
 class _Level:
-    """The blocks of one level that a decode call reads, attended in place in the front rows
-    of that level's pool (packed there when they are sparse), and which rows read which
+    """The blocks of one level that a decode call reads, attended in place in one window of
+    that level's pool rows (packed into one when they are sparse), and which rows read which
     (grouped queries)."""
 
     def __init__(self, bid: torch.Tensor, blocks: list[Block], pool: KVPool, heads: tuple[int, int]):
@@ -167,14 +167,14 @@ class _Level:
         lo, hi = min(rows), max(rows) + 1
         if 2 * len(mine) <= hi - lo:
             # At least half the rows of the window [lo, hi) of the blocks read are not read:
-            # pack the blocks read into rows [:n]. Otherwise attend the window in place,
+            # pack the blocks read into n rows. Otherwise attend the window in place,
             # unread rows included (their scores are never picked). Packing at every re-pack
             # moved more than it saved (TreePO on the embedded model: 20 of 30 ms per run);
             # the window, not [0, hi), keeps a tree's last round from packing as its first
             # rows' blocks are released (continuous batching reads blocks in row order).
-            pool.pack([b.slot for b in mine])
+            lo = pool.pack([b.slot for b in mine])
             rows = [b.slot.row for b in mine]
-            lo, hi = 0, max(rows) + 1
+            hi = max(rows) + 1
         N, B = hi - lo, bid.shape[0]
         row = torch.full((len(blocks),), -1, dtype=torch.long)
         row[used] = torch.tensor(rows) - lo  # window row (< N) of each block read
@@ -420,10 +420,10 @@ class CascadeEngine(Engine):
         index = self._chain_index(chains)
         try:
             start(alive)
-            alive, trow, order, levels, inp, pos = self._repack(alive, slots, index, paths, toks)
-            nbuf = len(alive)  # the private attention runs over tail-pool rows [:nbuf]
+            alive, trow, order, levels, inp, pos, lo = self._repack(alive, slots, index, paths, toks)
+            buf = (lo, len(alive))  # the private attention runs over tail-pool rows [lo, lo + n)
             while alive:
-                logits = self._step(inp, pos, trow.to(self.device), nbuf, levels, plan)
+                logits = self._step(inp, pos, trow.to(self.device), buf, levels, plan)
                 tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator, order)
                 self.stats.forward_calls += 1
                 self.stats.decode_tokens += len(alive)
@@ -442,15 +442,15 @@ class CascadeEngine(Engine):
                     continue
                 alive = [alive[b] for b in keep]
                 new = waiting[: cap - len(alive)] if waiting and cap - len(alive) >= min(refill, len(waiting)) else []
-                if new or 2 * len(alive) <= nbuf:
-                    # Rows start, or half the rows attended are dead: pack the live rows to
-                    # the front (back in pool-row order), keep only the blocks they read.
+                if new or 2 * len(alive) <= buf[1]:
+                    # Rows start, or half the rows attended are dead: pack the live rows into
+                    # one window (back in pool-row order), keep only the blocks they read.
                     del waiting[: len(new)]
                     if not alive and not new:
                         break
                     start(new)
-                    alive, trow, order, levels, inp, pos = self._repack(alive + new, slots, index, paths, toks)
-                    nbuf = len(alive)
+                    alive, trow, order, levels, inp, pos, lo = self._repack(alive + new, slots, index, paths, toks)
+                    buf = (lo, len(alive))
                 else:
                     at = torch.tensor(alive)
                     for lv in levels:
@@ -465,16 +465,17 @@ class CascadeEngine(Engine):
         return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
 
     def _repack(self, rows: list[int], slots, index, paths, toks):
-        """Pack the tails of ``rows`` into pool rows ``[:len(rows)]`` and order the batch by
-        pool row (batch position b = tail row b: the private attention then runs in place,
-        with no scatter/gather); ``order`` deals the random draws in row order. Returns
-        ``(rows in batch order, tail rows, order, levels, next inputs, positions)``."""
-        self._tails.pack([slots[r] for r in rows])
+        """Pack the tails of ``rows`` into one window of pool rows ``[lo, lo + len(rows))``
+        and order the batch by pool row (batch position b = tail row lo + b: the private
+        attention then runs in place, with no scatter/gather); ``order`` deals the random
+        draws in row order. Returns ``(rows in batch order, tail rows, order, levels, next
+        inputs, positions, lo)``."""
+        lo = self._tails.pack([slots[r] for r in rows])
         rows = sorted(rows, key=lambda r: slots[r].row)
         trow, order = self._batch_order(rows, slots)
         inp = torch.tensor([toks[r][-1] if toks[r] else paths[r][-1] for r in rows], device=self.device)
         pos = torch.tensor([len(paths[r]) - 1 + len(toks[r]) for r in rows], device=self.device)
-        return rows, trow, order, self._levels_for(index, rows), inp, pos
+        return rows, trow, order, self._levels_for(index, rows), inp, pos, lo
 
     @staticmethod
     def _batch_order(alive: list[int], slots) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -557,20 +558,22 @@ class CascadeEngine(Engine):
         for cs, slot, a, b in zip(forks, new, m, n):
             cs._forked = cs.blocks[:1] + (self._new_block(1, slot, a + b),)
 
-    def _step(self, inp, pos, trow, nbuf: int, levels: list[_Level], plan: list[_LayerPlan]) -> torch.Tensor:
+    def _step(self, inp, pos, trow, buf: tuple[int, int], levels: list[_Level], plan: list[_LayerPlan]) -> torch.Tensor:
         """One decode step for the live rows; returns next-token logits ``[R, V]``.
 
-        ``trow``: each live row's tail-pool row (all within ``[:nbuf]``, the rows attended
-        in place; outputs of dead rows there are dropped); the new token goes at the row's
-        current length. Each level's blocks are attended grouped."""
+        ``trow``: each live row's tail-pool row (all within the window ``buf = (lo, n)``:
+        rows ``[lo, lo + n)``, attended in place; outputs of dead rows there are dropped); the
+        new token goes at the row's current length. Each level's blocks are attended grouped."""
         Hq, Hkv, D = self._heads
         R = inp.shape[0]
         tails = self._tails
+        lo, nbuf = buf
         at = tails.lens[trow.cpu()].to(self.device)
         T = int(at.max()) + 1
-        dense = R == nbuf and bool((trow == torch.arange(R, device=trow.device)).all())
-        valid = tails.lens[:nbuf].to(self.device) + 0
-        valid[trow] = at + 1
+        brow = trow - lo  # row in the window
+        dense = R == nbuf and bool((brow == torch.arange(R, device=trow.device)).all())
+        valid = tails.lens[lo : lo + nbuf].to(self.device) + 0
+        valid[brow] = at + 1
         mask = key_mask(valid, T)  # once per step, for every layer
         # Where each row's new key/value goes in a layer's pool viewed as [rows*Hkv*P, D]:
         # one index_copy_ per layer and store (advanced-index assignment cost ~4x as much).
@@ -592,7 +595,7 @@ class CascadeEngine(Engine):
             K, V = tails.K[li], tails.V[li]
             K.view(-1, D).index_copy_(0, put, qk[:, Hq:].reshape(R * Hkv, D))
             V.view(-1, D).index_copy_(0, put, qkv[:, (Hq + Hkv) * D :].reshape(R * Hkv, D))
-            private = (K[:nbuf, :, :T], V[:nbuf, :, :T], mask, None if dense else trow)
+            private = (K[lo : lo + nbuf, :, :T], V[lo : lo + nbuf, :, :T], mask, None if dense else brow)
             o = cascade_attention(q, private, [lv.part(li) for lv in levels])
             x = x + lp.o_proj(o.to(x.dtype).reshape(R, Hq * D))
             h = lp.norm2(x)

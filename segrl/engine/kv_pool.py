@@ -6,9 +6,11 @@ tree, or a running decode call); a ``weakref.finalize`` frees the row when its o
 (dropped from ``tree.kv``), so rows are reused across calls without the caller freeing
 anything. The pool grows (doubling) when it runs out of rows or positions.
 
-A decode call first :meth:`KVPool.pack` s its rows to the front: it then attends over
-``K[:n]`` in place, with no gather and no rows of other owners in the way. Packing moves only rows that are out of place (a TreePO round continues most paths in
-the rows they already occupy), so nothing is copied between rounds but forks and stragglers.
+A decode call first :meth:`KVPool.pack` s its rows into one window ``[lo, lo + n)``: it
+then attends over ``K[lo:lo + n]`` in place, with no gather and no rows of other owners in the
+way. The window is where most of the rows' used positions already lie, and only rows outside
+it move (a TreePO round continues most paths in the rows they already occupy, and a group of
+rows that starts together usually lies in one stretch), so little is copied between rounds.
 """
 
 from __future__ import annotations
@@ -118,17 +120,23 @@ class KVPool:
         fin.atexit = False
         return fin
 
-    def pack(self, slots: list[Slot]) -> None:
-        """Move the rows of ``slots`` into ``[0, len(slots))`` (in any order), moving as few
-        rows as possible: only slots beyond the front move, into front rows that are free
-        or whose holders (other owners) move out to the rows vacated. All moves are one
-        gather + one scatter per layer (every source is read before any write)."""
+    def pack(self, slots: list[Slot]) -> int:
+        """Move the rows of ``slots`` into one window ``[lo, lo + len(slots))`` (in any order)
+        and return ``lo``. The window is the one that already holds the most of them (a
+        group of rows that starts together often lies in one stretch of the pool, e.g. a
+        tree round's copies next to their sources: then nothing moves), the lowest such.
+        Only slots outside it move, into its rows that are free or whose holders (other
+        owners) move out to the rows vacated. All moves are one gather + one scatter per
+        layer (every source is read before any write)."""
         n = len(slots)
-        outside = [s for s in slots if s.row >= n]
+        if not n or all(s.row < n for s in slots):
+            return 0
+        lo = self._window(slots)
+        outside = [s for s in slots if not lo <= s.row < lo + n]
         if not outside:
-            return
+            return lo
         mine = {id(s) for s in slots}
-        holes = [r for r in range(n) if self.holders[r] is None or id(self.holders[r]) not in mine]
+        holes = [r for r in range(lo, lo + n) if self.holders[r] is None or id(self.holders[r]) not in mine]
         evict = [self.holders[r] for r in holes if self.holders[r] is not None]
         vacated = [s.row for s in outside]
         src = [s.row for s in outside] + [h.row for h in evict]  # type: ignore[union-attr]
@@ -154,3 +162,16 @@ class KVPool:
             self.holders[r] = h
         self.free = [r for r, h in enumerate(self.holders) if h is None]
         heapq.heapify(self.free)
+        return lo
+
+    def _window(self, slots: list[Slot]) -> int:
+        """The lowest start of a window of ``len(slots)`` pool rows that holds the most of
+        the slots' positions in use (what a move copies; an empty row moves for free)."""
+        n = len(slots)
+        rows = torch.tensor([s.row for s in slots]).sort().values
+        used = torch.cat([torch.zeros(1, dtype=torch.long), self.lens[rows].cumsum(0)])
+        # Windows that start at a slot's row (clamped to the pool) include an optimal one.
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), rows.clamp(max=self.rows - n)])
+        held = used[torch.searchsorted(rows, starts + n)] - used[torch.searchsorted(rows, starts)]
+        best = held.max()
+        return int(starts[held == best].min())
