@@ -122,9 +122,10 @@ class KVPool:
 
     def pack(self, slots: list[Slot]) -> int:
         """Move the rows of ``slots`` into one window ``[lo, lo + len(slots))`` (in any order)
-        and return ``lo``. The window is the one that already holds the most of them (a
-        group of rows that starts together often lies in one stretch of the pool, e.g. a
-        tree round's copies next to their sources: then nothing moves), the lowest such.
+        and return ``lo``. The window is the one that already holds most of their used
+        positions (a group of rows that starts together often lies in one stretch of the
+        pool, e.g. a tree round's copies next to their sources: then nothing moves), the
+        lowest such.
         Only slots outside it move, into its rows that are free or whose holders (other
         owners) move out to the rows vacated. All moves are one gather + one scatter per
         layer (every source is read before any write)."""
