@@ -152,7 +152,7 @@ def cmd_eval(args, rest) -> int:
 
 def cmd_config(args, rest) -> int:
     from .configs import SegrlConfig
-    from .configs.manual import _flatten, manual, select
+    from .configs.manual import flatten, manual, select
     from .recipes import config_file_data, recipe_defaults
 
     sections = [f.name for f in dataclasses.fields(SegrlConfig)]
@@ -161,7 +161,7 @@ def cmd_config(args, rest) -> int:
         rest = ["--train.algo", algo, *rest]
     cfg = _load(args, rest)
     overrides = _split_overrides(rest)
-    user = set(overrides) | set(_flatten(config_file_data(args.config)))
+    user = set(overrides) | set(flatten(config_file_data(args.config)))
     print("\n".join(manual(cfg, recipe_defaults(args.config, overrides), user, shown, header="train.algo" in overrides)))
     return 0
 
@@ -199,7 +199,7 @@ def cmd_view(args, rest) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    if next((a for a in rest if not a.startswith("-")), "all") in ("trl", "all"):  # check before minutes of work
+    if next((a for a in rest if a in ("sampler", "trl", "all")), "all") != "sampler":  # check before minutes of work
         from .errors import require
 
         require("trl", "bench", "segrl bench trl (a GRPO step against TRL's)", "TRL", hint="`segrl bench sampler` runs without it")

@@ -111,7 +111,7 @@ def test_lora_without_peft():
 def test_bench_without_trl_fails_before_any_work():
     r = segrl("bench", blocked=("trl",))
     one_line_error(r, "TRL", "pip install 'segrl[bench]'", "segrl bench sampler")
-    one_line_error(segrl("bench", "trl", "--repeats", "1", blocked=("trl",)), "segrl[bench]")
+    one_line_error(segrl("bench", "--model", "default", "trl", "--repeats", "1", blocked=("trl",)), "segrl[bench]")
 
 
 def test_invalid_config_is_one_line_with_status_2():

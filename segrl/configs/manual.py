@@ -30,11 +30,12 @@ def select(names: list[str], sections: list[str]) -> tuple[list[str], str | None
     return list(dict.fromkeys(shown)), algo
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"spo": {"branch_factors": x}}`` -> ``{"spo.branch_factors": x}``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -52,7 +53,7 @@ def manual(cfg, recipe: dict, user: set[str], sections: list[str] | None = None,
     ``recipe``, or ``user``: set by the config file or the command line). The first line
     says what the recipe sets when there is one (or ``header`` asks for it)."""
     algo, task = cfg.train.algo, cfg.data.task
-    flat = _flatten(recipe)
+    flat = flatten(recipe)
     lines = []
     if flat or header:
         sets = ", ".join(f"{k}={v!r}" for k, v in flat.items()) or "nothing (the defaults below apply)"
