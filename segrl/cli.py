@@ -78,6 +78,16 @@ def _load(args, rest):
         raise SystemExit(f"segrl: invalid config: {e}") from None
 
 
+def _run_config(rest) -> str | None:
+    """``segrl eval --model RUN_DIR``: the run's ``config.yaml`` (its task, evaluation settings
+    and seed, so that the figures are its "after" ones; options given still win)."""
+    model = _split_overrides(rest).get("model.name_or_path")
+    run = os.path.expanduser(model) if model else None
+    if run and os.path.isfile(os.path.join(run, "config.yaml")) and os.path.isdir(os.path.join(run, "final_model")):
+        return os.path.join(run, "config.yaml")
+    return None
+
+
 def _preflight(cfg) -> None:
     """What fails without loading anything: the device, and the packages the config needs."""
     from .errors import require
@@ -135,6 +145,7 @@ def cmd_eval(args, rest) -> int:
 
     # `segrl eval --rollout treepo` picks the evaluation sampler (eval.rollout), not train.rollout
     rest = [("--eval.rollout" + r[len("--rollout"):]) if r == "--rollout" or r.startswith("--rollout=") else r for r in rest]
+    args.config = args.config or _run_config(rest)
     cfg = _load(args, rest)
     _preflight(cfg)
     torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from reliability_helpers import one_torch_thread, run_cli, tiny_model_dir, train_args  # noqa: F401  (autouse fixture)
+from reliability_helpers import one_torch_thread, reward_file, run_cli, tiny_model_dir, train_args  # noqa: F401  (autouse fixture)
 
 #: tqdm ("50%|#####| 1/2 [00:01<00:01, 1.0it/s]") and rich ("grpo ━━━━ 2/2 0:00:01 ETA 0:00:00") bars
 BAR = re.compile(r"it/s\]|\d+%\||ETA \d")
@@ -41,20 +41,31 @@ def test_make_console_is_plain_and_unwrapped_off_a_terminal(capsys):
 
 
 def test_segrl_eval_agrees_with_the_trainers_evaluation(tmp_path, capsys):
-    """Same model, config and seed: `segrl eval` prints the figures training's "before" logs."""
+    """Same model, config and seed: `segrl eval` prints the figures training logs before; and
+    `segrl eval --model RUN_DIR` (the run's config and final_model/) the ones it logs after."""
     import json
 
     from segrl.cli import main
 
+    def evaluate(*args):
+        assert main(["eval", "--threads", "1", *args]) == 0
+        return dict(l.split(": ") for l in capsys.readouterr().out.splitlines() if ": " in l)
+
+    def same(printed, logged):
+        assert logged["tokens"] > 0
+        for key in ("pass@1", "pass@3", "maj@3", "tokens", "mean_length"):
+            assert printed[key] == f"{logged[key]:.4f}", (key, printed, logged)
+
     model = str(tiny_model_dir(tmp_path))
     common = ["--model.name_or_path", model, "--eval.num_problems", "6", "--eval.num_samples", "3"]
     common += ["--sampling.max_completion_length", "12", "--data.num_train", "64", "--sampling.max_batch_size", "7", "--train.seed", "3"]
-    assert main(["eval", "--threads", "1", *common]) == 0
-    printed = dict(l.split(": ") for l in capsys.readouterr().out.splitlines() if ": " in l)
     out = tmp_path / "run"
-    args = ["train", "--threads", "1", *common, "--train.max_steps", "0", "--log.output_dir", str(out), "--log.report_to", "none"]
-    assert main(args + ["--log.progress", "false"]) == 0
-    before = json.loads((out / "summary.json").read_text())["before"]
-    assert before["tokens"] > 0
-    for key in ("pass@1", "pass@3", "maj@3", "tokens", "mean_length"):
-        assert printed[key] == f"{before[key]:.4f}", (key, printed, before)
+    # a length reward and a large step size: the trained model samples differently from the initial one
+    args = ["train", "--threads", "1", *common, "--train.max_steps", "2", "--train.prompts_per_step", "2", "--train.num_generations", "4"]
+    args += ["--train.learning_rate", "0.01", "--data.reward_funcs", f"{reward_file(tmp_path)}:length_reward"]
+    assert main(args + ["--log.output_dir", str(out), "--log.report_to", "none", "--log.progress", "false"]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"]["tokens"] != summary["after"]["tokens"]
+    same(evaluate(*common), summary["before"])
+    same(evaluate("--model", str(out)), summary["after"])
