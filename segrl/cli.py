@@ -202,7 +202,7 @@ def cmd_view(args, rest) -> int:
     from .report import build_tree_view
 
     try:
-        path = build_tree_view(args.run_dir, step=args.step, prompts=args.prompts)
+        path = build_tree_view(args.run_dir, step=args.step, prompts=args.prompts, strict=True)  # never an empty page
     except FileNotFoundError as e:
         raise SystemExit(f"segrl view: {e}") from None
     print(f"wrote {path}")

@@ -14,8 +14,9 @@ class SegrlError(Exception):
     """A problem with the user's input or environment (not a bug in segrl)."""
 
 
-class ModelLoadError(SegrlError, ValueError):
-    """``model.name_or_path`` does not name a model segrl can load (path, cache, files, template)."""
+class ModelLoadError(SegrlError, OSError):
+    """``model.name_or_path`` does not name a model segrl can load (path, cache, files, chat
+    template); an ``OSError`` like transformers' own loading errors."""
 
 
 class DeviceError(SegrlError, RuntimeError):

@@ -310,12 +310,15 @@ def build_tree_view(
     prompts: int = 4,
     tokenizer: Any | None = None,
     out: str | Path | None = None,
+    strict: bool = False,
 ) -> Path:
     """Write ``RUN_DIR/trees.html`` (or ``out``): the first ``prompts`` trees of ``step``
-    (default: the last step saved in ``rollouts.jsonl``). Returns the path written."""
+    (default: the last step saved in ``rollouts.jsonl``). Returns the path written.
+    ``strict`` (``segrl view``): a step without trees raises StepNotFoundError, naming the
+    steps saved, and writes nothing (else the page says so)."""
     run = load_run(run_dir)
     scan = scan_rollouts(run.run_dir, step=step, prompts=max(1, prompts), stats=False)
-    if step is not None and not scan.chosen:  # refuse before overwriting trees.html with an empty page
+    if strict and step is not None and not scan.chosen:
         from ..errors import StepNotFoundError
 
         raise StepNotFoundError(f"{run.run_dir}: no rollout trees saved for step {step}; steps saved: {_step_ranges(scan.steps)}")
