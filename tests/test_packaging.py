@@ -66,3 +66,22 @@ def test_the_vllm_extra_resolves(tmp_path):
     got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     assert "vllm" in got and "segrl" in got
     assert Version(got["transformers"]) >= Version("5.16.1")
+
+
+def test_the_kv_cache_is_passed_under_the_installed_transformers_name():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; under the other name the
+    cache is silently ignored. A forward through segrl.hf_compat must fill the cache passed."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    from segrl.hf_compat import CACHE_ARG, cache_kw, output_cache
+
+    assert CACHE_ARG in inspect.signature(LlamaModel.forward).parameters
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **cache_kw(cache))
+    assert cache.get_seq_length() == 3 and output_cache(out) is cache
