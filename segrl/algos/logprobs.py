@@ -88,15 +88,17 @@ def shared_context_logprobs(
     """
     from transformers import DynamicCache
 
+    from ..hf_compat import cache_kw
+
     body, head = _decoder_and_head(model)
     pos = (context_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=_config(model))
-    ctx = body(input_ids=context_ids, attention_mask=context_mask, position_ids=pos, cache=cache, use_cache=True)
+    ctx = body(input_ids=context_ids, attention_mask=context_mask, position_ids=pos, use_cache=True, **cache_kw(cache))
     cache.batch_select_indices(context_index)
     ctx_len = context_mask.sum(-1)[context_index]
     rpos = ctx_len[:, None] + (response_mask.cumsum(-1) - 1).clamp(min=0)
     attn = torch.cat([context_mask[context_index], response_mask], 1)
-    hidden = body(input_ids=response_ids, attention_mask=attn, position_ids=rpos, cache=cache, use_cache=True).last_hidden_state
+    hidden = body(input_ids=response_ids, attention_mask=attn, position_ids=rpos, use_cache=True, **cache_kw(cache)).last_hidden_state
     # the first response token is predicted from the context's last position
     h = torch.cat([ctx.last_hidden_state[context_index, -1:], hidden[:, :-1]], 1)
     return _head_logprobs(head, h, response_ids, temperature, chunk_size)

@@ -111,11 +111,13 @@ def run_compare(
     import torch
     from rich.console import Console
 
+    from ..trainer.logging import make_console
+
     try:  # before an hour of runs, not after
         import matplotlib  # noqa: F401
     except ImportError:
         raise SystemExit("segrl compare: the plots need matplotlib: pip install 'segrl[plots]'") from None
-    console = console or Console()
+    console = console or make_console()  # a log file: unwrapped lines, the table at its full width
     quiet = Console(quiet=True)  # --quick: one line per run, not the trainer's own output
     threads_before = torch.get_num_threads()
     if threads > 0:

@@ -30,8 +30,9 @@ class SegrlConfig:
 def load_config(path=None, overrides=None) -> SegrlConfig:
     """Load a :class:`SegrlConfig` from an optional YAML file plus dotted overrides, on top of
     the selected algorithm's recipe defaults (``segrl/recipes/<algo>[_<task>].yaml``)."""
-    from ..recipes import recipe_defaults
+    from ..recipes import implied_overrides, recipe_defaults
 
+    overrides = implied_overrides(path, overrides)  # a data.train_file alone means data.task=file
     return load(SegrlConfig, path, overrides, base=recipe_defaults(path, overrides))
 
 

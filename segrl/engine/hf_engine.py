@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
+from ..hf_compat import cache_kw, output_cache
 from ..tree import FinishReason, RolloutTree
 from .sampling import sample_tokens
 
@@ -285,7 +286,7 @@ class Engine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
+            **cache_kw(cache),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -380,7 +381,7 @@ class Engine:
             out = self._forward(
                 inp[:, None].to(self.device), mask.to(self.device), pos[:, None].to(self.device), cache
             )
-            cache = out.cache
+            cache = output_cache(out)
             tok, lp = sample_tokens(out.logits[:, -1].cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
             self.stats.decode_tokens += len(alive)
             keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from segrl.hf_compat import cache_kw, output_cache
 from segrl.models.tokenizer import build_tokenizer
 from segrl.tasks.arithmetic import arithmetic_correctness, extract_answer, make_arithmetic_task, solution
 
@@ -131,7 +132,7 @@ def _sample(model, tok, prompts: list[str], n: int, greedy: bool, gen: torch.Gen
         b = ids.shape[0]
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
+        cache, logits = output_cache(out), out.logits[:, -1]
         done = torch.zeros(b, dtype=torch.bool)
         new = torch.full((b, max_new_tokens), tok.pad_token_id, dtype=torch.long)
         last_pos = pos[:, -1]
@@ -148,9 +149,9 @@ def _sample(model, tok, prompts: list[str], n: int, greedy: bool, gen: torch.Gen
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype)], dim=1)
             last_pos = last_pos + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], cache=cache,
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None], **cache_kw(cache),
                         use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
+            cache, logits = output_cache(out), out.logits[:, -1]
         for row in new.tolist():
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id) + 1]

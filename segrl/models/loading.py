@@ -7,10 +7,13 @@
   local cache directory;
 * a local directory holding a Hugging Face causal LM (``config.json``, safetensors weights,
   tokenizer files), e.g. your own ``huggingface-cli download`` or ``save_pretrained`` output;
+* a segrl run directory: its ``final_model/``;
 * a model id already in the local Hugging Face cache (nothing is downloaded when
   ``HF_HUB_OFFLINE=1``).
 
-Weights load from safetensors only, ``trust_remote_code`` is off unless asked for.
+Weights load from safetensors only, ``trust_remote_code`` is off unless asked for. What is
+missing (directory, cache entry, weights, tokenizer, CUDA) is a one-line
+:class:`~segrl.errors.ModelLoadError` / :class:`~segrl.errors.DeviceError`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import DeviceError, ModelLoadError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +45,8 @@ def _load_builtin_presets() -> None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """'default' -> the shipped model; a preset -> its cached directory; else as given."""
+    """'default' -> the shipped model; a preset -> its cached directory; a segrl run directory
+    -> its ``final_model/``; else as given."""
     if name_or_path == "default":
         from .default import default_model_path
 
@@ -49,14 +55,45 @@ def resolve_model_path(name_or_path: str) -> str:
         _load_builtin_presets()
     if name_or_path in PRESETS:
         return str(PRESETS[name_or_path]())
+    run_model = Path(name_or_path).expanduser() / "final_model"
+    if (run_model / "config.json").is_file() and not (Path(name_or_path).expanduser() / "config.json").exists():
+        return str(run_model)
     return name_or_path
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given."""
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as given, once
+    :func:`check_device` has found it usable."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     return device
+
+
+def check_device(device: str) -> None:
+    """Raise :class:`~segrl.errors.DeviceError` (one line, with the fix) for a device this torch
+    build or machine cannot use: CUDA on a CPU-only build, or a GPU index that is not there."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"model.device={device!r} is not a torch device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type != "cuda":
+        return
+    if torch.version.cuda is None:
+        raise DeviceError(
+            f"model.device={device}: this torch build ({torch.__version__}) has no CUDA; install a CUDA build of torch "
+            "(the pip command for your CUDA version is on the PyTorch 'Get Started' page) or use --model.device cpu"
+        )
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise DeviceError(
+            f"model.device={device}: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; is the driver loaded?); use --model.device cpu"
+        )
+    if dev.index is not None and dev.index >= n:
+        raise DeviceError(f"model.device={device}: only {n} GPU(s) visible (cuda:0 .. cuda:{n - 1})")
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -91,7 +128,7 @@ def setup_tokenizer(tok, model=None, chat_template: str = "auto"):
             gc.pad_token_id = tok.pad_token_id
     has = bool(getattr(tok, "chat_template", None))
     if chat_template == "on" and not has:
-        raise ValueError("model.chat_template=on but the tokenizer has no chat template")
+        raise ModelLoadError(f"model.chat_template=on but the tokenizer of {tok.name_or_path} has no chat template; use auto or off")
     tok.segrl_chat_template = has if chat_template == "auto" else chat_template == "on"
     return tok
 
@@ -102,6 +139,11 @@ def encode_prompt(tokenizer, prompt: Any) -> list[int]:
     chat messages (always through the chat template, with the generation prompt)."""
     if isinstance(prompt, str) and not getattr(tokenizer, "segrl_chat_template", False):
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(
+            f"conversational prompts (lists of role/content messages) need a chat template, and the tokenizer of "
+            f"{tokenizer.name_or_path} has none: use plain-text prompts, a chat (instruct) model, or set tokenizer.chat_template"
+        )
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "keys"):
@@ -120,13 +162,19 @@ def load_model_and_tokenizer(cfg):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .locate import locate_model
+
     cfg.device = resolve_device(cfg.device)
     cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
-    path = resolve_model_path(cfg.name_or_path)
+    path = locate_model(resolve_model_path(cfg.name_or_path))
     local = Path(path).is_dir()
     kw = dict(trust_remote_code=cfg.trust_remote_code, local_files_only=local or os.environ.get("HF_HUB_OFFLINE") == "1")
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], use_safetensors=True, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype], use_safetensors=True, **kw)
+    except (OSError, ValueError) as e:  # files present (checked above) but not loadable: transformers says why
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load the model at {path}: {first}") from e
     model.to(cfg.device)
     setup_tokenizer(tok, model, getattr(cfg, "chat_template", "auto"))
     if cfg.gradient_checkpointing:

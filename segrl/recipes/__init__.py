@@ -30,15 +30,46 @@ def _pick(overrides: dict[str, Any] | None, file_data: dict, section: str, key: 
     return default
 
 
-def recipe_defaults(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
-    """The merged recipe mapping for the algorithm and task the config will select."""
-    file_data: dict = {}
+def config_file_data(path: str | Path | None) -> dict:
+    """The mapping in the YAML file ``path`` ({} when there is none or it is unreadable)."""
     if path is not None and Path(path).is_file():
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
-            file_data = loaded if isinstance(loaded, dict) else {}
+            return loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:
-            file_data = {}  # the loader reports the bad file itself
+            pass  # the loader reports the bad file itself
+    return {}
+
+
+#: tasks that read data.train_file / data.test_file
+FILE_TASKS = ("file", "gsm8k", "math500", "math")
+
+
+def implied_overrides(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``overrides`` plus what they imply: a ``data.train_file`` with no ``data.task`` set
+    (command line or config file) means ``data.task=file``; a task that reads no file
+    (arithmetic, reasoning_gym:...) with a train_file is an error, not a silently ignored file."""
+    out = dict(overrides or {})
+    file_data = config_file_data(path)
+    train_file = _pick(out, file_data, "data", "train_file", "")
+    if train_file.strip().lower() in ("", "none", "null"):
+        return out
+    task = _pick(out, file_data, "data", "task", "")
+    if not task:
+        out["data.task"] = "file"
+    elif task not in FILE_TASKS:
+        from ..configs.loader import ConfigError
+
+        raise ConfigError(
+            f"data.train_file is set but data.task={task} reads no file; drop data.task (a train_file implies task=file) "
+            f"or use one of {list(FILE_TASKS)}"
+        )
+    return out
+
+
+def recipe_defaults(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
+    """The merged recipe mapping for the algorithm and task the config will select."""
+    file_data = config_file_data(path)
     algo = _pick(overrides, file_data, "train", "algo", "grpo")
     task = _pick(overrides, file_data, "data", "task", "arithmetic")
     out: dict = {}

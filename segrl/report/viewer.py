@@ -310,11 +310,18 @@ def build_tree_view(
     prompts: int = 4,
     tokenizer: Any | None = None,
     out: str | Path | None = None,
+    strict: bool = False,
 ) -> Path:
     """Write ``RUN_DIR/trees.html`` (or ``out``): the first ``prompts`` trees of ``step``
-    (default: the last step saved in ``rollouts.jsonl``). Returns the path written."""
+    (default: the last step saved in ``rollouts.jsonl``). Returns the path written.
+    ``strict`` (``segrl view``): a step without trees raises StepNotFoundError, naming the
+    steps saved, and writes nothing (else the page says so)."""
     run = load_run(run_dir)
     scan = scan_rollouts(run.run_dir, step=step, prompts=max(1, prompts), stats=False)
+    if strict and step is not None and not scan.chosen:
+        from ..errors import StepNotFoundError
+
+        raise StepNotFoundError(f"{run.run_dir}: no rollout trees saved for step {step}; steps saved: {_step_ranges(scan.steps)}")
     if tokenizer is None:
         tokenizer = load_run_tokenizer(run.run_dir, run.get("model.name_or_path"))
     path = Path(out) if out else run.run_dir / "trees.html"
@@ -346,6 +353,17 @@ def write_tree_view(run: Run, scan: RolloutScan, detok: Detok, path: Path, reque
         if detok.tok is None:
             body += '<p class="note">No tokenizer found: token ids are shown instead of text.</p>'
     atomic_write(path, page(f"trees — {run.run_dir.name}", body))
+
+
+def _step_ranges(steps: list[int]) -> str:
+    """``[1, 2, 3, 7, 9, 10]`` -> ``"1-3, 7, 9-10"`` (``"none"`` when empty)."""
+    parts, ordered = [], sorted(set(steps))
+    for s in ordered:
+        if parts and s == parts[-1][1] + 1:
+            parts[-1][1] = s
+        else:
+            parts.append([s, s])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in parts) or "none (no rollouts.jsonl, or log.save_rollouts was off)"
 
 
 def _steps_summary(steps: list[int]) -> str:

@@ -1,4 +1,9 @@
-"""Held-out evaluation: pass@1 (mean over k samples), pass@k and maj@k."""
+"""Held-out evaluation: pass@1 (mean over k samples), pass@k and maj@k.
+
+:func:`evaluate_config` is the evaluation a config describes; the trainer's evaluations
+(before, during, after) and ``segrl eval`` both run it, so the same model, config and seed
+give the same figures.
+"""
 
 from __future__ import annotations
 
@@ -103,3 +108,32 @@ def evaluate(
     ntok = sum(t.num_generated_tokens() for t in trees)
     lens = [t.completion_len(leaf) for t in trees for leaf in t.leaves(include_mc=False)]
     return EvalResult(p1, pk, mk, len(per), k, ntok, sum(lens) / max(len(lens), 1))
+
+
+#: evaluation samples draw from their own stream, apart from the training rollouts' (seed + 1009 * rank)
+EVAL_SEED_OFFSET = 7919
+
+
+def evaluate_config(model, tokenizer, task: Task, cfg) -> EvalResult:
+    """:func:`evaluate` with the settings of a :class:`~segrl.configs.SegrlConfig`: ``eval.*``
+    (problems, samples, temperature, rollout), the sampling limits, and the seed
+    ``train.seed + EVAL_SEED_OFFSET``."""
+    e = cfg.eval
+    sampler = None
+    if e.rollout == "treepo":
+        from ..samplers.treepo import TreePOSampler
+
+        sampler = TreePOSampler(cfg).eval_sampler(e.num_samples)
+    return evaluate(
+        model,
+        tokenizer,
+        task,
+        num_problems=e.num_problems,
+        k=e.num_samples,
+        temperature=cfg.sampling.temperature if e.temperature is None else e.temperature,
+        max_new_tokens=cfg.sampling.max_completion_length,
+        top_p=cfg.sampling.top_p,
+        seed=cfg.train.seed + EVAL_SEED_OFFSET,
+        max_batch_size=cfg.sampling.max_batch_size,
+        sampler=sampler,
+    )

@@ -40,7 +40,7 @@ from ..tree import FinishReason, RolloutTree, save_jsonl
 from .batching import Batch, collate, micro_batches, sort_for_sharing
 from . import checkpoint as ckpt
 from .algorithms import get_algorithm
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, evaluate_config
 from .faults import maybe_kill
 from .logging import MetricsLogger
 from .scoring import Scorer
@@ -373,27 +373,8 @@ class Trainer:
 
     # ----- evaluation ------------------------------------------------------------------
     def evaluate(self) -> EvalResult:
-        e = self.cfg.eval
-        temp = self.cfg.sampling.temperature if e.temperature is None else e.temperature
-        sampler = None
-        if e.rollout == "treepo":
-            from ..samplers.treepo import TreePOSampler
-
-            sampler = TreePOSampler(self.cfg).eval_sampler(e.num_samples)
         with segrl_dist.gathered_for_rollout(self.policy):  # FSDP2: full weights for sampling
-            return evaluate(
-                self.model,
-                self.tokenizer,
-                self.task,
-                num_problems=e.num_problems,
-                k=e.num_samples,
-                temperature=temp,
-                max_new_tokens=self.cfg.sampling.max_completion_length,
-                top_p=self.cfg.sampling.top_p,
-                seed=self.cfg.train.seed + 7919,
-                max_batch_size=self.cfg.sampling.max_batch_size,
-                sampler=sampler,
-            )
+            return evaluate_config(self.model, self.tokenizer, self.task, self.cfg)  # what `segrl eval` runs
 
     # ----- checkpoints -----------------------------------------------------------------
     def _state(self, extra: dict) -> dict:
@@ -566,7 +547,7 @@ class Trainer:
             self.console.print(f"[bold]held-out before training[/bold]: pass@1={res.pass_at_1:.3f} pass@{res.k}={res.pass_at_k:.3f} maj@{res.k}={res.maj_at_k:.3f} on {res.num_problems} problems")
         if self._stop_signal is not None:
             return self._interrupted(summary)
-        progress = _progress(self.console) if cfg.log.progress else None
+        progress = _progress(self.console) if cfg.log.progress and self.console.is_terminal else None  # no bars in log files
         try:
             # under a token budget the bar counts generated tokens (the step count is open)
             by_tok = t.max_generated_tokens > 0
