@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segrl.algos.advantages import get_advantage, masked_whiten
+from segrl.algos.advantages import masked_whiten
+from segrl.algos.registry import TREE_ESTIMATORS
 from segrl.algos.treepo import (
     group_std_scale,
     normalize_token_advantages,
@@ -161,9 +162,14 @@ def test_segment_level_variant():
     assert flat.mean().item() == pytest.approx(0.0, abs=1e-9)
 
 
-def test_registered():
-    assert get_advantage("treepo") is treepo_advantage
-    assert get_advantage("treepo_segment") is treepo_segment_advantages
+def test_registered_tree_estimators_apply_the_pure_functions():
+    t, n = worked_tree()
+    est = TREE_ESTIMATORS["treepo"](t, _cfg(normalization="none"))
+    assert TREE_ESTIMATORS.meta("treepo")["level"] == "trajectory"
+    rows = dict(zip(t.leaves(), est.paths))
+    assert rows[n["B2"][0]].tolist() == pytest.approx([2.5 / 3] * 3)  # one value per trajectory
+    seg = TREE_ESTIMATORS["treepo_segment"](t, _cfg()).paths
+    assert dict(zip(t.leaves(), seg))[n["B2"][0]].tolist() == pytest.approx([0.5, -0.5, 1.0])
 
 
 def _cfg(**tp):

@@ -1,7 +1,8 @@
 """SPO advantage estimators (Segment Policy Optimization, Guo et al., arXiv 2505.23564).
 
-Pure functions on plain arrays, registered as ``spo_chain`` and ``spo_tree`` in the
-advantage registry. No critic: values are Monte-Carlo means of rewards.
+Pure functions on plain arrays, and the tree estimators ``spo_chain`` and ``spo_tree``
+(:data:`~segrl.algos.registry.TREE_ESTIMATORS`) that apply them to a scored
+:class:`~segrl.tree.RolloutTree`. No critic: values are Monte-Carlo means of rewards.
 
 SPO-chain (paper Sec. 4.2, Fig. "advantage estimation (a)"): a trajectory ``y`` with reward
 ``R`` is cut at boundaries ``b_1 < ... < b_J``; ``V(s_{b_j})`` is the mean reward of ``K``
@@ -24,11 +25,13 @@ Worked example of the paper's figure: children values ``1, 2/3, 0`` give
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from collections.abc import Sequence
 
 import torch
 
-from .advantages import register_advantage
+from ..tree import NodeInfo, RolloutTree
+from .registry import TREE_ESTIMATORS, TreeEstimate
 
 
 def tree_values(parent: Sequence[int] | torch.Tensor, leaf_values: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,6 @@ def tree_edge_advantages(
     return adv
 
 
-@register_advantage("spo_tree")
 def spo_tree_advantage(
     parent: Sequence[int] | torch.Tensor,
     leaf_rewards: Sequence[float] | torch.Tensor,
@@ -130,7 +132,6 @@ def spo_tree_advantage(
     return v, tree_edge_advantages(parent, v, normalize_by_sibling_std, eps)
 
 
-@register_advantage("spo_chain")
 def spo_chain_advantage(boundary_values: Sequence[float] | torch.Tensor, reward: float) -> torch.Tensor:
     """Segment advantages of one SPO-chain trajectory.
 
@@ -174,3 +175,63 @@ def chain_token_advantages(
     for start, end, a in zip(b, ends, seg.tolist()):
         out[start:end] = a
     return out
+
+
+@TREE_ESTIMATORS.register("spo_tree", level="segment")
+def spo_tree_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
+    """SPO-tree credit of one scored tree (Guo et al., arXiv 2505.23564, Sec. 5):
+    recursive-mean values and edge advantages (:func:`spo_tree_advantage`;
+    ``spo.normalize_by_sibling_std`` of ``cfg``).
+
+    Returns ``paths`` (``[depth]`` per trajectory leaf: each segment's ``V(node) -
+    V(parent)``) and ``values`` (``[len(tree)]`` recursive means).
+    """
+    parent = [n.parent for n in tree.nodes]
+    rewards = [float("nan") if n.reward is None else float(n.reward) for n in tree.nodes]
+    values, adv = spo_tree_advantage(parent, rewards, cfg.spo.normalize_by_sibling_std)
+    return TreeEstimate([adv[tree.path(l)[1:]] for l in tree.leaves(include_mc=False)], values)
+
+
+def mc_value(tree: RolloutTree, node: int) -> float:
+    """Mean reward of the Monte-Carlo continuations (``NodeInfo.MC`` children) of ``node``."""
+    rs = [tree[c].reward for c in tree[node].children if tree[c].info.get(NodeInfo.MC)]
+    if not rs or any(r is None for r in rs):
+        raise ValueError(f"boundary node {node} has no scored MC continuations")
+    return float(sum(rs)) / len(rs)
+
+
+@TREE_ESTIMATORS.register("spo_chain", level="segment")
+def spo_chain_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
+    """SPO-chain credit (arXiv 2505.23564, Sec. 4.2) of one scored chain tree: the SPO-chain
+    sampler's output, each trajectory leaf carrying ``NodeInfo.SPO_BOUNDS`` and
+    ``NodeInfo.SPO_NODES`` (the representative boundary nodes whose MC continuations give
+    ``V(s_b)``).
+
+    The segment ``[b_j, b_{j+1})`` (one chain node) gets :func:`spo_chain_advantage`'s
+    ``A_j``; the node before the first boundary gets 0. ``cfg`` is not read.
+
+    Returns ``paths`` (``[depth]`` per trajectory leaf) and ``values``: ``V(s_b)`` on every
+    boundary node (representatives and their duplicates, ``NodeInfo.MC_FROM``), the reward
+    on trajectory leaves, NaN elsewhere.
+    """
+    values = torch.full((len(tree),), math.nan, dtype=torch.float64)
+    paths = []
+    for leaf in tree.leaves(include_mc=False):
+        info = tree[leaf].info
+        bounds = info.get(NodeInfo.SPO_BOUNDS)
+        if bounds is None:
+            raise ValueError(f"trajectory leaf {leaf} has no {NodeInfo.SPO_BOUNDS!r}: not an SPO-chain rollout")
+        vals = []
+        for rep in info[NodeInfo.SPO_NODES]:
+            if math.isnan(values[rep]):
+                values[rep] = mc_value(tree, rep)
+            vals.append(float(values[rep]))
+        reward = float(tree[leaf].reward)
+        values[leaf] = reward
+        seg = spo_chain_advantage(vals, reward).tolist() if bounds else []
+        row = [seg[bounds.index(a)] if a in bounds else 0.0 for _, a, _ in tree.segment_spans(leaf)]
+        paths.append(torch.tensor(row, dtype=torch.float64))
+    for i, n in enumerate(tree.nodes):  # duplicates of a shared boundary state
+        if NodeInfo.MC_FROM in n.info:
+            values[i] = values[n.info[NodeInfo.MC_FROM]]
+    return TreeEstimate(paths, values)
