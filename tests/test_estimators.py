@@ -109,11 +109,16 @@ def test_code_segment_variant_by_hand():
     assert eta == pytest.approx([4 / 15, (-2 - 0.81 * 4) / 15, (12 + 0.9 * 2) / 15])
     # the library's leaf_mean variant on the same path: V(B) = 0.5, V(B2) = 0, V(leaf) = 1
     cfg = load_config(overrides={"train.algo": "treepo", "treepo.advantage_level": "segment"})
-    ours = dict(zip(t.leaves(), TREE_ESTIMATORS["treepo_segment"](t, cfg).paths))
-    assert ours[n["B2"][0]].tolist() == pytest.approx([0.5, -0.5, 1.0])
+    path = t.path(n["B2"][0])[1:]
+    ours = TREE_ESTIMATORS["treepo_segment"]([t], cfg).per_node[0]
+    assert [ours[i] for i in path] == pytest.approx([0.5, -0.5, 1.0])
     cfg = load_config(overrides={"train.algo": "treepo", "treepo.advantage_level": "segment", "treepo.segment_values": "code"})
-    code = dict(zip(t.leaves(), TREE_ESTIMATORS["treepo_segment"](t, cfg).paths))
-    assert code[n["B2"][0]].tolist() == pytest.approx([4 / 15, -6 / 15, 14 / 15])
+    code = TREE_ESTIMATORS["treepo_segment"]([t], cfg).per_node[0]  # no discount: one value per node
+    assert [code[i] for i in path] == pytest.approx([4 / 15, -6 / 15, 14 / 15])
+    cfg = load_config(overrides={"train.algo": "treepo", "treepo.advantage_level": "segment", "treepo.segment_values": "code",
+                                 "treepo.segment_discount": "0.9"})
+    rows = dict(zip(t.leaves(), TREE_ESTIMATORS["treepo_segment"]([t], cfg).per_segment))  # per trajectory
+    assert rows[n["B2"][0]] == pytest.approx(eta)
     with pytest.raises(ConfigError, match=r"treepo\.segment_discount"):
         load_config(overrides={"treepo.segment_discount": "0.9"})  # leaf_mean has no discount
 

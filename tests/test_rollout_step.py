@@ -94,15 +94,16 @@ def toy_estimators():
         mean = torch.zeros_like(n).index_add_(0, inv, rewards) / n
         return torch.sign(rewards - mean[inv])
 
-    @TREE_ESTIMATORS.register("test_last_segment", level="segment")
-    def last_segment(tree, cfg):
-        """Only each trajectory's last segment is credited, with R - mean(R of the tree)."""
-        leaves = tree.leaves(include_mc=False)
-        mean = sum(tree[l].reward for l in leaves) / len(leaves)
-        rows = [torch.zeros(tree[l].depth, dtype=torch.float64) for l in leaves]
-        for l, row in zip(leaves, rows):
-            row[-1] = tree[l].reward - mean
-        return TreeEstimate(rows)
+    @TREE_ESTIMATORS.register("test_last_segment")
+    def last_segment(trees, cfg):
+        """Only each trajectory's last segment is credited, with R - mean(R of its tree).
+        ``N`` lists of ``[depth]``."""
+        rows = []
+        for tree in trees:
+            leaves = tree.leaves(include_mc=False)
+            mean = sum(tree[l].reward for l in leaves) / len(leaves)
+            rows += [[0.0] * (tree[l].depth - 1) + [tree[l].reward - mean] for l in leaves]
+        return TreeEstimate(per_segment=rows)
 
     yield
     OUTCOME_ESTIMATORS.unregister("test_sign")

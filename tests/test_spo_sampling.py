@@ -63,11 +63,11 @@ def test_chain_mc_continuations_continue_from_cached_prefix(tiny_model, char_tok
         assert len(trajs) == N
         mc = [l for l in t.leaves() if t[l].info.get("mc")]
         heads = {t[l].parent for l in mc}
-        values = TREE_ESTIMATORS["spo_chain"](t, None).values  # V(s_b) = mean of the K continuations
+        values = TREE_ESTIMATORS["spo_chain"]([t], None).values[0]  # V(s_b) = mean of the K continuations
         for h in heads:
             assert sum(1 for c in t[h].children if t[c].info.get("mc")) == K
             rs = [t[c].reward for c in t[h].children if t[c].info.get("mc")]
-            assert values[h].item() == pytest.approx(sum(rs) / K)
+            assert values[h] == pytest.approx(sum(rs) / K)
             inner += h != 0
         for leaf in trajs + mc:  # continuation log-probs == full forward over prefix + continuation
             ref = full_forward_logprobs(tiny_model, t, leaf)
@@ -136,13 +136,13 @@ def test_tree_branches_continue_from_cached_prefix(tiny_model, char_tok, unbound
             ref = full_forward_logprobs(tiny_model, t, leaf)
             assert torch.allclose(ref, torch.tensor(t.path_logprobs(leaf)), atol=1e-4)
         # the SPO-tree estimator: recursive-mean values and edge advantages
-        est = TREE_ESTIMATORS["spo_tree"](t, load_config(overrides={"train.algo": "spo_tree"}))
-        v = est.values.tolist()
+        est = TREE_ESTIMATORS["spo_tree"]([t], load_config(overrides={"train.algo": "spo_tree"}))
+        v, adv = est.values[0], est.per_node[0]
         for i, node in enumerate(t.nodes):
             if node.children:
                 assert v[i] == pytest.approx(sum(v[c] for c in node.children) / len(node.children))
-        for leaf, row in zip(t.leaves(), est.paths):
-            assert row.tolist() == pytest.approx([v[i] - v[t[i].parent] for i in t.path(leaf)[1:]])
+            if i:
+                assert adv[i] == pytest.approx(v[i] - v[node.parent])
     assert all(not t.kv for t in trees)
 
 

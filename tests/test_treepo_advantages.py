@@ -164,12 +164,11 @@ def test_segment_level_variant():
 
 def test_registered_tree_estimators_apply_the_pure_functions():
     t, n = worked_tree()
-    est = TREE_ESTIMATORS["treepo"](t, _cfg(normalization="none"))
-    assert TREE_ESTIMATORS.meta("treepo")["level"] == "trajectory"
-    rows = dict(zip(t.leaves(), est.paths))
-    assert rows[n["B2"][0]].tolist() == pytest.approx([2.5 / 3] * 3)  # one value per trajectory
-    seg = TREE_ESTIMATORS["treepo_segment"](t, _cfg()).paths
-    assert dict(zip(t.leaves(), seg))[n["B2"][0]].tolist() == pytest.approx([0.5, -0.5, 1.0])
+    est = TREE_ESTIMATORS["treepo"]([t], _cfg(normalization="none"))
+    assert est.per_node is None and est.per_segment is None  # one value per trajectory
+    assert dict(zip(t.leaves(), est.per_trajectory.tolist()))[n["B2"][0]] == pytest.approx(2.5 / 3)
+    seg = TREE_ESTIMATORS["treepo_segment"]([t], _cfg()).per_node[0]  # one value per segment
+    assert [seg[i] for i in t.path(n["B2"][0])[1:]] == pytest.approx([0.5, -0.5, 1.0])
 
 
 def _cfg(**tp):

@@ -9,14 +9,14 @@ One registry per kind of function, and one signature per registry:
 
   ``index`` is the prompt (group) id of each trajectory; ``scale_rewards`` is
   ``train.scale_rewards``; ``stats`` computes batch statistics (all ranks under torchrun).
-* :data:`TREE_ESTIMATORS` (:mod:`segrl.algos.spo`, :mod:`segrl.algos.treepo`): one scored
-  explicit tree -> the advantage of every segment of every trajectory::
+* :data:`TREE_ESTIMATORS` (:mod:`segrl.algos.spo`, :mod:`segrl.algos.treepo`,
+  :mod:`segrl.algos.treepo_segment`): scored explicit trees (parent pointers, token spans) ->
+  the advantage of every segment of every trajectory (a :class:`TreeEstimate`)::
 
-      f(tree: RolloutTree, cfg) -> TreeEstimate
+      f(trees: Sequence[RolloutTree], cfg) -> TreeEstimate
 
   ``cfg`` is the run's :class:`~segrl.configs.SegrlConfig` (each estimator reads its own
-  section). Registered with ``level="trajectory"`` when every token of a trajectory gets one
-  value, ``level="segment"`` when each segment (tree node) gets its own.
+  section). The trajectories are the trees' ``leaves(include_mc=False)`` in batch order.
 * :data:`LOSS_AGGREGATIONS` (:mod:`segrl.algos.losses`): TRL's ``loss_type``::
 
       f(per_token [B, T], mask [B, T], norm: LossNormalizer) -> scalar
@@ -41,18 +41,28 @@ from ..registry import Registry
 
 @dataclass
 class TreeEstimate:
-    """What a tree estimator returns for one tree.
+    """What a tree estimator returns for a batch of ``T`` trees with ``N`` trajectory leaves
+    (``leaves(include_mc=False)`` of each tree, in batch order). Exactly one of the first three
+    is set, the most compact that describes the estimate:
 
     Attributes:
-        paths: one ``[depth]`` tensor per trajectory leaf (``tree.leaves(include_mc=False)``
-            order): the advantage of each segment on the leaf's path, root excluded
-            (``tree.path(leaf)[1:]``). A ``trajectory``-level estimator repeats one value.
-        values: optional ``[len(tree)]`` node values the advantages came from (written to
-            ``node.value`` for the tree viewer; NaN where a node has none).
+        per_trajectory: ``[N]`` one advantage per trajectory (every token of it).
+        per_node: ``T`` lists of ``[len(tree)]``: each segment's (node's) own advantage,
+            whichever trajectory it is trained in (0 for the root).
+        per_segment: ``N`` lists of ``[depth]``: the advantage of each segment on the
+            trajectory's path (``tree.path(leaf)[1:]``), when it depends on the trajectory.
+        values: optional ``T`` lists of ``[len(tree)]`` node values the advantages came from
+            (written to ``node.value`` for the tree viewer; NaN where a node has none).
     """
 
-    paths: list[torch.Tensor]
-    values: torch.Tensor | None = None
+    per_trajectory: torch.Tensor | None = None
+    per_node: list[list[float]] | None = None
+    per_segment: list[list[float]] | None = None
+    values: list[list[float]] | None = None
+
+    def __post_init__(self):
+        if sum(x is not None for x in (self.per_trajectory, self.per_node, self.per_segment)) != 1:
+            raise ValueError("a TreeEstimate holds exactly one of per_trajectory, per_node, per_segment")
 
 
 OUTCOME_ESTIMATORS: Registry = Registry("outcome advantage estimator")

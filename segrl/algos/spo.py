@@ -177,19 +177,23 @@ def chain_token_advantages(
     return out
 
 
-@TREE_ESTIMATORS.register("spo_tree", level="segment")
-def spo_tree_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
-    """SPO-tree credit of one scored tree (Guo et al., arXiv 2505.23564, Sec. 5):
-    recursive-mean values and edge advantages (:func:`spo_tree_advantage`;
-    ``spo.normalize_by_sibling_std`` of ``cfg``).
+@TREE_ESTIMATORS.register("spo_tree")
+def spo_tree_estimate(trees: Sequence[RolloutTree], cfg) -> TreeEstimate:
+    """SPO-tree credit of scored trees (Guo et al., arXiv 2505.23564, Sec. 5): recursive-mean
+    values and edge advantages (:func:`spo_tree_advantage`; ``spo.normalize_by_sibling_std``
+    of ``cfg``).
 
-    Returns ``paths`` (``[depth]`` per trajectory leaf: each segment's ``V(node) -
-    V(parent)``) and ``values`` (``[len(tree)]`` recursive means).
+    Returns ``per_node`` (``[len(tree)]`` per tree: ``V(node) - V(parent)``, 0 for the root)
+    and ``values`` (the recursive means).
     """
-    parent = [n.parent for n in tree.nodes]
-    rewards = [float("nan") if n.reward is None else float(n.reward) for n in tree.nodes]
-    values, adv = spo_tree_advantage(parent, rewards, cfg.spo.normalize_by_sibling_std)
-    return TreeEstimate([adv[tree.path(l)[1:]] for l in tree.leaves(include_mc=False)], values)
+    per_node, values = [], []
+    for tree in trees:
+        parent = [n.parent for n in tree.nodes]
+        rewards = [float("nan") if n.reward is None else float(n.reward) for n in tree.nodes]
+        v, adv = spo_tree_advantage(parent, rewards, cfg.spo.normalize_by_sibling_std)
+        per_node.append(adv.tolist())
+        values.append(v.tolist())
+    return TreeEstimate(per_node=per_node, values=values)
 
 
 def mc_value(tree: RolloutTree, node: int) -> float:
@@ -200,22 +204,32 @@ def mc_value(tree: RolloutTree, node: int) -> float:
     return float(sum(rs)) / len(rs)
 
 
-@TREE_ESTIMATORS.register("spo_chain", level="segment")
-def spo_chain_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
-    """SPO-chain credit (arXiv 2505.23564, Sec. 4.2) of one scored chain tree: the SPO-chain
+@TREE_ESTIMATORS.register("spo_chain")
+def spo_chain_estimate(trees: Sequence[RolloutTree], cfg) -> TreeEstimate:
+    """SPO-chain credit (arXiv 2505.23564, Sec. 4.2) of scored chain trees: the SPO-chain
     sampler's output, each trajectory leaf carrying ``NodeInfo.SPO_BOUNDS`` and
     ``NodeInfo.SPO_NODES`` (the representative boundary nodes whose MC continuations give
     ``V(s_b)``).
 
     The segment ``[b_j, b_{j+1})`` (one chain node) gets :func:`spo_chain_advantage`'s
-    ``A_j``; the node before the first boundary gets 0. ``cfg`` is not read.
+    ``A_j``; the node before the first boundary, the root and the MC continuations get 0.
+    ``cfg`` is not read.
 
-    Returns ``paths`` (``[depth]`` per trajectory leaf) and ``values``: ``V(s_b)`` on every
+    Returns ``per_node`` (``[len(tree)]`` per tree) and ``values``: ``V(s_b)`` on every
     boundary node (representatives and their duplicates, ``NodeInfo.MC_FROM``), the reward
     on trajectory leaves, NaN elsewhere.
     """
-    values = torch.full((len(tree),), math.nan, dtype=torch.float64)
-    paths = []
+    per_node, values = [], []
+    for tree in trees:
+        adv, vals = _chain_tree(tree)
+        per_node.append(adv)
+        values.append(vals)
+    return TreeEstimate(per_node=per_node, values=values)
+
+
+def _chain_tree(tree: RolloutTree) -> tuple[list[float], list[float]]:
+    adv = [0.0] * len(tree)
+    values = [math.nan] * len(tree)
     for leaf in tree.leaves(include_mc=False):
         info = tree[leaf].info
         bounds = info.get(NodeInfo.SPO_BOUNDS)
@@ -225,13 +239,14 @@ def spo_chain_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
         for rep in info[NodeInfo.SPO_NODES]:
             if math.isnan(values[rep]):
                 values[rep] = mc_value(tree, rep)
-            vals.append(float(values[rep]))
-        reward = float(tree[leaf].reward)
-        values[leaf] = reward
-        seg = spo_chain_advantage(vals, reward).tolist() if bounds else []
-        row = [seg[bounds.index(a)] if a in bounds else 0.0 for _, a, _ in tree.segment_spans(leaf)]
-        paths.append(torch.tensor(row, dtype=torch.float64))
+            vals.append(values[rep])
+        values[leaf] = float(tree[leaf].reward)
+        if bounds:
+            seg = spo_chain_advantage(vals, values[leaf]).tolist()
+            for node, start, _ in tree.segment_spans(leaf):
+                if start in bounds:
+                    adv[node] = seg[bounds.index(start)]
     for i, n in enumerate(tree.nodes):  # duplicates of a shared boundary state
         if NodeInfo.MC_FROM in n.info:
             values[i] = values[n.info[NodeInfo.MC_FROM]]
-    return TreeEstimate(paths, values)
+    return adv, values

@@ -164,19 +164,19 @@ def _term_std(a: torch.Tensor, keep: torch.Tensor, pair_leaf: torch.Tensor, n: i
     return torch.where(cnt > 1, (sq / (cnt - 1).clamp(min=1)).sqrt() + eps, torch.ones_like(cnt))
 
 
-@TREE_ESTIMATORS.register("treepo", level="trajectory")
-def treepo_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
-    """TreePO's tree advantage of each trajectory of one scored tree (paper Eq. 5-7; see the
-    module docstring), with the ``treepo.*`` settings of ``cfg``: ``advantage_aggregation``,
+@TREE_ESTIMATORS.register("treepo")
+def treepo_estimate(trees: Sequence[RolloutTree], cfg) -> TreeEstimate:
+    """TreePO's tree advantage of each trajectory (paper Eq. 5-7; see the module docstring),
+    with the ``treepo.*`` settings of ``cfg``: ``advantage_aggregation``,
     ``reject_zero_std_subgroups``, ``include_root``, ``dedup_subgroups``, and
     ``normalization=subgroup_std`` (the only per-leaf normalisation; the batch-wide ones are
-    the algorithm's). Every token of a trajectory gets its leaf's value.
+    the algorithm's).
 
-    Returns ``paths``: ``[depth]`` per leaf, one repeated value.
+    Returns ``per_trajectory``: ``[N]``, every token of a trajectory gets its leaf's value.
     """
     tp = cfg.treepo
-    idx = tree_subgroups([tree], dedup=tp.dedup_subgroups)
-    rewards = torch.tensor([float(tree[l].reward) for _, l in idx.refs], dtype=torch.float64)
+    idx = tree_subgroups(trees, dedup=tp.dedup_subgroups)
+    rewards = torch.tensor([float(t[l].reward) for t, l in idx.refs], dtype=torch.float64)
     adv = treepo_advantage(
         rewards, idx.pair_leaf, idx.pair_group, idx.is_root,
         aggregation=tp.advantage_aggregation,
@@ -184,7 +184,7 @@ def treepo_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
         include_root=tp.include_root,
         term_std=tp.normalization == "subgroup_std",
     )
-    return TreeEstimate([torch.full((tree[l].depth,), float(a), dtype=torch.float64) for (_, l), a in zip(idx.refs, adv.tolist())])
+    return TreeEstimate(per_trajectory=adv)
 
 
 def token_weighted_whiten(values: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-8, stats: MeanStd | None = None) -> torch.Tensor:

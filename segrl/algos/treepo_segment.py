@@ -27,7 +27,7 @@ leaf's segments: ``A(B) = 4/15``, ``A(B2) = -2/15 - 4/15 = -6/15``, ``A(leaf) = 
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
 from ..tree import RolloutTree
 from .registry import TREE_ESTIMATORS, TreeEstimate
@@ -49,6 +49,22 @@ def _leaf_sums(tree: RolloutTree, rewards: dict[int, float]) -> tuple[dict[int, 
     return sums, counts
 
 
+def code_segment_values(tree: RolloutTree, rewards: dict[int, float]) -> dict[int, float]:
+    """Steps 1-2 of the released code's variant: node -> ``V`` (shaped leaf rewards, recursive
+    means of children above them, ``V(root) = 0``). ``rewards``: trajectory leaf -> reward."""
+    sums, counts = _leaf_sums(tree, rewards)
+    value: dict[int, float] = {}
+    for leaf, r in rewards.items():
+        path = [a for a in tree.path(leaf) if counts[a]]
+        value[leaf] = sum(counts[a] * (r - sums[a] / counts[a]) for a in path) / sum(counts[a] for a in path)
+    for i in tree.subtree(0)[::-1]:  # children before parents
+        kids = [value[c] for c in tree[i].children if c in value]
+        if i not in value and kids and i != 0:
+            value[i] = sum(kids) / len(kids)
+    value[0] = 0.0
+    return value
+
+
 def code_segment_advantages(tree: RolloutTree, rewards: dict[int, float], discount: float | None = None) -> dict[int, list[float]]:
     """The released code's segment advantages of one tree (see the module docstring).
 
@@ -59,20 +75,7 @@ def code_segment_advantages(tree: RolloutTree, rewards: dict[int, float], discou
     Returns:
         leaf -> ``[depth]`` advantages of the segments on its path (``tree.path(leaf)[1:]``).
     """
-    sums, counts = _leaf_sums(tree, rewards)
-    shaped: dict[int, float] = {}
-    for leaf, r in rewards.items():
-        path = [a for a in tree.path(leaf) if counts[a]]
-        w = sum(counts[a] for a in path)
-        shaped[leaf] = sum(counts[a] * (r - sums[a] / counts[a]) for a in path) / w
-    value: dict[int, float] = {}
-    for i in tree.subtree(0)[::-1]:  # children before parents
-        kids = [value[c] for c in tree[i].children if c in value]
-        if i in shaped:
-            value[i] = shaped[i]
-        elif kids and i != 0:
-            value[i] = sum(kids) / len(kids)
-    value[0] = 0.0
+    value = code_segment_values(tree, rewards)
     out: dict[int, list[float]] = {}
     for leaf in rewards:
         path = tree.path(leaf)
@@ -87,17 +90,29 @@ def code_segment_advantages(tree: RolloutTree, rewards: dict[int, float], discou
     return out
 
 
-@TREE_ESTIMATORS.register("treepo_segment", level="segment")
-def treepo_segment_estimate(tree: RolloutTree, cfg) -> TreeEstimate:
-    """TreePO segment-level credit (arXiv 2508.17445) of one scored tree: ``treepo.segment_values`` picks
-    ``leaf_mean`` or the released ``code`` variant (with ``treepo.segment_discount``).
+@TREE_ESTIMATORS.register("treepo_segment")
+def treepo_segment_estimate(trees: Sequence[RolloutTree], cfg) -> TreeEstimate:
+    """TreePO segment-level credit (arXiv 2508.17445) of scored trees: ``treepo.segment_values``
+    picks ``leaf_mean`` or the released ``code`` variant (with ``treepo.segment_discount``).
 
-    Returns ``paths``: ``[depth]`` per trajectory leaf, each segment's own advantage.
+    Returns ``per_node`` (``[len(tree)]`` per tree: each segment's own advantage), or, with a
+    discount (which depends on the trajectory's depth), ``per_segment`` (``[depth]`` per
+    trajectory).
     """
     tp = cfg.treepo
-    rewards = {l: float(tree[l].reward) for l in tree.leaves(include_mc=False)}
-    if tp.segment_values == "code":
-        rows = code_segment_advantages(tree, rewards, tp.segment_discount)
-        return TreeEstimate([torch.tensor(rows[l], dtype=torch.float64) for l in rewards])
-    seg = treepo_segment_advantages(tree, rewards)
-    return TreeEstimate([torch.tensor([seg.get(n, 0.0) for n in tree.path(l)[1:]], dtype=torch.float64) for l in rewards])
+    per_node, per_segment = [], []
+    for tree in trees:
+        rewards = {l: float(tree[l].reward) for l in tree.leaves(include_mc=False)}
+        if tp.segment_values == "code" and tp.segment_discount is not None:
+            rows = code_segment_advantages(tree, rewards, tp.segment_discount)
+            per_segment.extend(rows[l] for l in rewards)
+            continue
+        if tp.segment_values == "code":
+            v = code_segment_values(tree, rewards)
+            seg = {i: v.get(i, 0.0) - v.get(tree[i].parent, 0.0) for i in range(1, len(tree))}
+        else:
+            seg = treepo_segment_advantages(tree, rewards)
+        per_node.append([seg.get(i, 0.0) for i in range(len(tree))])
+    if tp.segment_values == "code" and tp.segment_discount is not None:
+        return TreeEstimate(per_segment=per_segment)
+    return TreeEstimate(per_node=per_node)

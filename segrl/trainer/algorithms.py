@@ -90,26 +90,26 @@ def _import_plugins() -> None:
 
 @dataclass
 class Advantages:
-    """The advantages of a batch's trajectories, computed once by :meth:`Algorithm.estimate`.
-
-    Attributes:
-        refs: ``N`` trajectory leaves ``(tree, leaf)`` in batch order.
-        scalar: ``[N]`` one advantage per trajectory, when the estimator gives one
-            (outcome estimators, ``level="trajectory"`` tree estimators); else None.
-        paths: per leaf, ``[depth]`` advantages of the segments on its path (None when
-            ``scalar`` says it all).
-    """
+    """The advantages of a batch's trajectories, computed once by :meth:`Algorithm.estimate`:
+    ``refs`` (the ``N`` trajectory leaves ``(tree, leaf)`` in batch order) and the estimator's
+    own form, exactly one of ``scalar`` (``[N]`` list: one value per trajectory), ``per_node``
+    (``id(tree) -> [len(tree)]``: each segment's own value) or ``per_segment`` (``N`` lists of
+    ``[depth]``: each segment's value on that trajectory)."""
 
     refs: list[tuple[RolloutTree, int]]
-    scalar: torch.Tensor | None
-    paths: list[torch.Tensor] | None = None
+    scalar: list[float] | None = None
+    per_node: dict[int, list[float]] | None = None
+    per_segment: list[list[float]] | None = None
 
     def segments(self, i: int) -> list[float]:
-        """The advantage of each segment on trajectory ``i``'s path."""
-        if self.paths is not None:
-            return self.paths[i].tolist()
+        """The advantage of each segment on trajectory ``i``'s path (``path(leaf)[1:]``)."""
         tree, leaf = self.refs[i]
-        return [float(self.scalar[i])] * tree[leaf].depth
+        if self.scalar is not None:
+            return [self.scalar[i]] * tree[leaf].depth
+        if self.per_node is not None:
+            row = self.per_node[id(tree)]
+            return [row[n] for n in tree.path(leaf)[1:]]
+        return self.per_segment[i]
 
     def tokens(self, i: int) -> list[float]:
         """Per-token advantages of trajectory ``i`` (each segment's value on its tokens)."""
@@ -118,6 +118,10 @@ class Advantages:
         for (_, a, b), v in zip(tree.segment_spans(leaf), self.segments(i)):
             out.extend([v] * (b - a))
         return out
+
+    def trajectory(self, i: int) -> float | list[float]:
+        """What :func:`trajectory_sample` takes: one value, or one per token."""
+        return self.scalar[i] if self.scalar is not None else self.tokens(i)
 
 
 class Algorithm:
@@ -169,27 +173,23 @@ class Algorithm:
         """Advantages of every trajectory with ``train.adv_estimator``; writes the raw values
         on the trees (``NodeInfo.ADVANTAGE``, node values) for ``rollouts.jsonl`` and the viewer."""
         refs = [(t, leaf) for t in trees for leaf in t.leaves(include_mc=False)]
-        paths = None
         if self.estimator in OUTCOME_ESTIMATORS:
             rewards = torch.tensor([float(t[leaf].reward) for t, leaf in refs], dtype=torch.float64)
-            scalar = self.advantages(rewards, torch.tensor([t.group for t, _ in refs], dtype=torch.long))
+            adv = Advantages(refs, scalar=self.advantages(rewards, torch.tensor([t.group for t, _ in refs], dtype=torch.long)).tolist())
         else:
-            fn, paths = TREE_ESTIMATORS[self.estimator], []
-            for t in trees:
-                est = fn(t, self.cfg)
-                paths.extend(est.paths)
-                if est.values is not None:
-                    for n, v in zip(t.nodes, est.values.tolist()):
-                        if v == v:  # not NaN
-                            n.value = v
-            trajectory = TREE_ESTIMATORS.meta(self.estimator).get("level") == "trajectory"
-            scalar = torch.tensor([float(p[0]) if len(p) else 0.0 for p in paths], dtype=torch.float64) if trajectory else None
-        adv = Advantages(refs, scalar, None if scalar is not None else paths)
+            est = TREE_ESTIMATORS[self.estimator](trees, self.cfg)
+            scalar = est.per_trajectory.tolist() if est.per_trajectory is not None else None
+            per_node = {id(t): row for t, row in zip(trees, est.per_node)} if est.per_node is not None else None
+            adv = Advantages(refs, scalar, per_node, est.per_segment)
+            for t, vals in zip(trees, est.values or []):
+                for n, v in zip(t.nodes, vals):
+                    if v == v:  # not NaN
+                        n.value = v
         for i, (t, leaf) in enumerate(refs):  # saved with the tree (rollouts.jsonl, the tree viewer)
-            if scalar is not None:
-                t[leaf].info[NodeInfo.ADVANTAGE] = float(scalar[i])
+            if adv.scalar is not None:
+                t[leaf].info[NodeInfo.ADVANTAGE] = adv.scalar[i]
             else:
-                for node, v in zip(t.path(leaf)[1:], paths[i].tolist()):
+                for node, v in zip(t.path(leaf)[1:], adv.segments(i)):
                     t[node].info[NodeInfo.ADVANTAGE] = v
         return adv
 
@@ -208,13 +208,11 @@ class GRPO(Algorithm):
     def samples(self, trees):
         adv = self.estimate(trees)
         t = self.cfg.train
-        out = []
-        for i, (tree, leaf) in enumerate(adv.refs):
-            a = float(adv.scalar[i]) if adv.scalar is not None else adv.tokens(i)
-            out.append(trajectory_sample(tree, leaf, a, t.mask_truncated_completions, self.rho))
-        flat = adv.scalar
-        if flat is None:
-            flat = torch.tensor([a for s in out for a in s.advantages] or [0.0], dtype=torch.float64)
+        out = [
+            trajectory_sample(tree, leaf, adv.trajectory(i), t.mask_truncated_completions, self.rho)
+            for i, (tree, leaf) in enumerate(adv.refs)
+        ]
+        flat = torch.tensor(adv.scalar if adv.scalar is not None else [a for s in out for a in s.advantages] or [0.0], dtype=torch.float64)
         return out, {"advantages/mean": float(flat.mean()), "advantages/std": float(flat.std()) if len(flat) > 1 else 0.0}
 
 

@@ -172,7 +172,7 @@ class SPOChain(_SPOBase):
             if bounds is not None and self.estimator == "spo_chain":  # the boundary values, for the viewer
                 info[NodeInfo.SPO_VALUES] = [t[n].value for n in info[NodeInfo.SPO_NODES]]
             seg_adv.extend(_credited(t, leaf, adv, i, bounds))
-            s = trajectory_sample(t, leaf, adv.tokens(i), mt, self.rho)
+            s = trajectory_sample(t, leaf, adv.trajectory(i), mt, self.rho)
             if self.rho is not None:  # the segment advantage goes to its low-probability tokens only
                 s.advantages = [a if m else 0.0 for a, m in zip(s.advantages, prob_mask(s.old_logprobs, self.rho))]
             s.info[SampleInfo.QID] = _qid(t)
@@ -184,7 +184,7 @@ def _credited(t: RolloutTree, leaf: int, adv: Advantages, i: int, bounds: list[i
     """The segment advantages a trajectory contributes to the metrics: SPO-chain's segments
     (those that open at a boundary), else one value per trajectory or per segment."""
     if adv.scalar is not None:
-        return [float(adv.scalar[i])]
+        return [adv.scalar[i]]
     segs = adv.segments(i)
     if bounds is None:
         return segs
@@ -231,10 +231,12 @@ class SPOTree(_SPOBase):
 
 
 def _node_advantages(adv: Advantages) -> dict[tuple[int, int], float]:
-    """``(id(tree), node) -> advantage`` of every segment: the value the trajectories through
-    it share, or their mean where they differ."""
+    """``(id(tree), node) -> advantage`` of every segment: the estimator's per-node value, or,
+    for one that credits trajectories, the mean over the trajectories through the node."""
+    if adv.per_node is not None:
+        return {(k, i): a for k, row in adv.per_node.items() for i, a in enumerate(row)}
     seen: dict[tuple[int, int], list[float]] = defaultdict(list)
     for i, (t, leaf) in enumerate(adv.refs):
         for node, v in zip(t.path(leaf)[1:], adv.segments(i)):
             seen[(id(t), node)].append(v)
-    return {k: vs[0] if all(v == vs[0] for v in vs) else sum(vs) / len(vs) for k, vs in seen.items()}
+    return {k: sum(vs) / len(vs) for k, vs in seen.items()}

@@ -124,15 +124,15 @@ class TreePO(Algorithm):
         rewards = torch.tensor([float(tr[l].reward) for tr, l in adv.refs], dtype=torch.float64)
         group = torch.tensor([tr.group for tr, _ in adv.refs], dtype=torch.long)
         if adv.scalar is not None:
-            lengths = torch.tensor([tr.completion_len(l) for tr, l in adv.refs], dtype=torch.long)
-            flat = normalize_tree_advantages(adv.scalar, tp.normalization, lengths, rewards, group, stats=segrl_dist.global_mean_std)
+            raw = torch.tensor(adv.scalar, dtype=torch.float64)
+            lengths = torch.tensor(_completion_lengths(adv.refs), dtype=torch.long)
+            flat = normalize_tree_advantages(raw, tp.normalization, lengths, rewards, group, stats=segrl_dist.global_mean_std)
             per_leaf: list = flat.tolist()
-            raw = adv.scalar
         else:
             per_leaf = [adv.tokens(i) for i in range(len(adv.refs))]
             per_leaf = normalize_token_advantages(per_leaf, tp.normalization, rewards, group, stats=segrl_dist.global_mean_std)
             flat = torch.tensor([x for row in per_leaf for x in row] or [0.0], dtype=torch.float64)
-            raw = torch.cat(adv.paths)
+            raw = torch.tensor([a for i in range(len(adv.refs)) for a in adv.segments(i)], dtype=torch.float64)
         out = [
             trajectory_sample(tree, leaf, a, t.mask_truncated_completions, self.rho)
             for (tree, leaf), a in zip(adv.refs, per_leaf)
@@ -144,6 +144,20 @@ class TreePO(Algorithm):
             "advantages/zero_fraction": float((raw.abs() < 1e-12).to(torch.float64).mean()),
         }
         return out, metrics
+
+
+def _completion_lengths(refs) -> list[int]:
+    """``tree.completion_len(leaf)`` of every ``(tree, leaf)``, one pass over each tree."""
+    by_tree: dict[int, list[int]] = {}
+    out = []
+    for tree, leaf in refs:
+        lens = by_tree.get(id(tree))
+        if lens is None:
+            lens = by_tree[id(tree)] = [0] * len(tree)
+            for i in tree.subtree(0)[1:]:  # pre-order: parents first
+                lens[i] = lens[tree[i].parent] + len(tree[i].token_ids)
+        out.append(lens[leaf])
+    return out
 
 
 def _weighted_mean(calls: list[tuple[dict, int]]) -> dict[str, float]:
