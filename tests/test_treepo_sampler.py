@@ -385,6 +385,17 @@ def test_logprob_divergence_direction():
     assert s._temperature(0.0) == pytest.approx(5.0) and s._temperature(1.0) == pytest.approx(1.0)
 
 
+def test_progress_drives_the_divergence_temperature():
+    """The trainer hands the fraction of training done to the sampler (no back-channel)."""
+    cfg = make_cfg(max_len=8, segment_length=4, max_depth=2, width=4, divergence_policy="low_prob",
+                   divergence_temperature=5.0, divergence_temperature_end=1.0)
+    s = TreePOSampler(cfg)
+    script = lambda t, n, j, lim: ("abcd", "segment")  # noqa: E731
+    # cosine from 5 (progress 0) to 1 (progress 1): at 0.5, 1 + 4 * 0.5 * (1 + cos(pi / 2)) = 3
+    assert s.sample(ScriptEngine(script), [RolloutTree([1, 3])], progress=0.5)["tree/divergence_temperature"] == pytest.approx(3.0)
+    assert s.sample(ScriptEngine(script), [RolloutTree([1, 3])])["tree/divergence_temperature"] == 5.0  # outside training
+
+
 def test_eval_sampler_leaves_exactly_k(model):
     cfg = make_cfg(max_len=16, segment_length=4, max_depth=4, width=8, eval_divergence=4)
     eng = engine_for(model, seed=1)

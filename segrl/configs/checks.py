@@ -74,6 +74,8 @@ def train_estimator(cfg) -> str:
 def validate(cfg) -> None:
     """Check the settings of a whole :class:`~segrl.configs.SegrlConfig` that span sections."""
     t = cfg.train
+    check_name(t.algo, "train.algo", algorithm_names())  # (again: fields may change after construction)
+    check_name(t.adv_estimator, "train.adv_estimator", ("auto", *estimator_names()))
     algo = algorithm_class(t.algo)
     sampler, estimator = train_sampler(cfg), train_estimator(cfg)
     if algo.samplers is not None and sampler not in algo.samplers:
