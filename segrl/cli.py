@@ -233,13 +233,13 @@ COMMON = {
         ("--model", "model.name_or_path", "MODEL", MODEL_HELP),
         ("--task", "data.task", "TASK", "arithmetic | gsm8k | math500 | reasoning_gym:NAME | file (a --data.train_file alone means file)"),
         ("--output-dir", "log.output_dir", "DIR", "run directory (default runs/ALGO-TIMESTAMP)"),
-        ("--rollout", "train.rollout", "ROLLOUT", "auto | group | treepo: the rollout sampler"),
+        ("--rollout", "train.rollout", "ROLLOUT", "auto | group | treepo | spo_tree | spo_chain: the rollout sampler (auto: the algorithm's own)"),
     ],
     "eval": [
         ("--model", "model.name_or_path", "MODEL", MODEL_HELP),
         ("--algo", "train.algo", "ALGO", "evaluate with that algorithm's recipe (its sampling settings), as training did"),
         ("--task", "data.task", "TASK", "arithmetic | gsm8k | math500 | reasoning_gym:NAME | file"),
-        ("--rollout", "eval.rollout", "ROLLOUT", "independent | treepo: how evaluation samples are drawn"),
+        ("--rollout", "eval.rollout", "ROLLOUT", "group | treepo: how evaluation samples are drawn"),
     ],
 }
 FIELDS_HELP = """config fields:

@@ -39,6 +39,25 @@ class FinishReason:
     TRUNCATED = frozenset({LENGTH, DEPTH, REPETITION})
 
 
+class NodeInfo:
+    """The keys of :attr:`Node.info`, declared once (every writer and reader uses these).
+
+    Values must stay JSON-serialisable: trees are saved to ``rollouts.jsonl``.
+    """
+
+    MC = "mc"  # True on an SPO-chain Monte-Carlo continuation (not a trajectory)
+    MC_FROM = "mc_from"  # SPO-chain: boundary node whose MC estimate this duplicate state shares
+    SPO_BOUNDS = "spo_bounds"  # SPO-chain, on a trajectory leaf: its boundary offsets in the completion
+    SPO_NODES = "spo_nodes"  # ... the representative boundary node of each boundary
+    SPO_VALUES = "spo_values"  # ... the MC value V(s_b) of each boundary (written by the algorithm)
+    SPO_CANDIDATES = "spo_candidates"  # ... boundary candidates before the max_segments cap
+    CORRECT = "correct"  # raw correctness of a leaf (the task's grader, before reward shaping)
+    ADVANTAGE = "advantage"  # the raw advantage credited to this node's segment (or leaf's trajectory)
+    TREEPO = "treepo"  # TreePO, on the root: width, initial width, fallback counts
+    FALLBACK = "fallback"  # TreePO: first segment regrown from a fallback cut point
+    STOPPED_MID = "stopped_mid"  # TreePO sampler, transient: an early stop decided while cutting a path
+
+
 @dataclass
 class Node:
     """One node of a rollout tree.
@@ -54,8 +73,8 @@ class Node:
         reward: the reward of the trajectory ending here (leaves only).
         value: a value estimate of the state at the end of this node (estimators fill it).
         children: indices of the child nodes (kept in sync by :meth:`RolloutTree.add`).
-        info: free-form per-node annotations (e.g. ``"mc": True`` for SPO continuations,
-            ``"advantage"``); JSON-serialisable values only.
+        info: per-node annotations keyed by :class:`NodeInfo` (e.g. ``NodeInfo.MC`` for SPO
+            continuations, ``NodeInfo.ADVANTAGE``); JSON-serialisable values only.
     """
 
     parent: int
@@ -215,7 +234,7 @@ class RolloutTree:
         return [
             i
             for i, n in enumerate(self.nodes)
-            if i > 0 and n.is_leaf and (include_mc or not n.info.get("mc"))
+            if i > 0 and n.is_leaf and (include_mc or not n.info.get(NodeInfo.MC))
         ]
 
     def subtree(self, idx: int) -> list[int]:
@@ -231,7 +250,7 @@ class RolloutTree:
         return [
             i
             for i in self.subtree(idx)
-            if i > 0 and self.nodes[i].is_leaf and (include_mc or not self.nodes[i].info.get("mc"))
+            if i > 0 and self.nodes[i].is_leaf and (include_mc or not self.nodes[i].info.get(NodeInfo.MC))
         ]
 
     def prompt_ids(self) -> list[int]:
@@ -282,7 +301,7 @@ class RolloutTree:
             i, above = stack.pop()
             n = self.nodes[i]
             here = above + len(n.token_ids) if i else 0
-            if i and n.is_leaf and (include_mc or not n.info.get("mc")):
+            if i and n.is_leaf and (include_mc or not n.info.get(NodeInfo.MC)):
                 total += here
             stack.extend((c, here) for c in n.children)
         return total

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from segrl.algos.advantages import get_advantage, masked_whiten
+from segrl.algos.advantages import masked_whiten
+from segrl.algos.registry import OUTCOME_ESTIMATORS
 from segrl.algos.losses import LossNormalizer, aggregate_loss, clipped_surrogate, k3_kl, policy_loss
 
 R = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 0], dtype=torch.float64)
@@ -11,7 +12,7 @@ IDX = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
 
 
 def test_grpo_group_scaling_by_hand():
-    a = get_advantage("grpo")(R, IDX, scale_rewards="group")
+    a = OUTCOME_ESTIMATORS["grpo"](R, IDX, scale_rewards="group")
     s0 = math.sqrt(1 / 3)  # unbiased std of (1,0,0,1)
     s1 = 0.5  # unbiased std of (1,1,1,0)
     want = [0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4), -0.5 / (s0 + 1e-4), 0.5 / (s0 + 1e-4)]
@@ -21,22 +22,22 @@ def test_grpo_group_scaling_by_hand():
 
 def test_grpo_batch_and_none_scaling_by_hand():
     sb = math.sqrt(1.875 / 7)  # unbiased std of all eight rewards (mean 0.625)
-    a = get_advantage("grpo")(R, IDX, scale_rewards="batch")
+    a = OUTCOME_ESTIMATORS["grpo"](R, IDX, scale_rewards="batch")
     assert a[0].item() == pytest.approx(0.5 / (sb + 1e-4))
     assert a[7].item() == pytest.approx(-0.75 / (sb + 1e-4))
-    n = get_advantage("grpo")(R, IDX, scale_rewards="none")
+    n = OUTCOME_ESTIMATORS["grpo"](R, IDX, scale_rewards="none")
     assert n.tolist() == [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75]
     with pytest.raises(ValueError):
-        get_advantage("grpo")(R, IDX, scale_rewards="bogus")
+        OUTCOME_ESTIMATORS["grpo"](R, IDX, scale_rewards="bogus")
 
 
 def test_zero_std_group_gets_zero_advantage():
-    a = get_advantage("grpo")(torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    a = OUTCOME_ESTIMATORS["grpo"](torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
     assert a.abs().max() == 0
 
 
 def test_rloo_by_hand():
-    a = get_advantage("rloo")(R, IDX)
+    a = OUTCOME_ESTIMATORS["rloo"](R, IDX)
     assert torch.allclose(a, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 1 / 3, 1 / 3, 1 / 3, -1.0], dtype=torch.float64))
 
 

@@ -5,16 +5,14 @@ import math
 import pytest
 import torch
 
-from segrl.algos.advantages import get_advantage
-from segrl.algos.samples import prob_mask
-from segrl.algos.spo import chain_token_advantages, spo_chain_advantage, tree_edge_advantages, tree_values
+from segrl.algos.samples import TrainSample, prob_mask
+from segrl.algos.spo import chain_token_advantages, spo_chain_advantage, spo_tree_advantage, tree_edge_advantages, tree_values
 from segrl.configs import load_config
 from segrl.samplers.partition import FixedPartition
-from segrl.samplers.spo_chain import SPOChainSampler, chain_values
-from segrl.samplers.spo_tree import tree_size, tree_values_and_advantages
+from segrl.samplers.spo_chain import SPOChainSampler
+from segrl.samplers.spo_tree import tree_size
 from segrl.trainer.algorithms import get_algorithm
 from segrl.trainer.spo_algorithms import ReplayBuffer, whiten_samples
-from segrl.algos.samples import TrainSample
 from segrl.tree import FinishReason, RolloutTree
 
 EOS, SEG = FinishReason.EOS, FinishReason.SEGMENT
@@ -48,7 +46,7 @@ def arrays(t):
 def test_paper_figure_worked_example():
     t, pa, n, m, k, ml, kl = paper_figure_tree()
     parent, rewards = arrays(t)
-    values, adv = get_advantage("spo_tree")(parent, rewards)
+    values, adv = spo_tree_advantage(parent, rewards)
     assert values[m].item() == pytest.approx(2 / 3)
     assert values[k].item() == pytest.approx(0.0)
     assert values[pa].item() == pytest.approx((1 + 2 / 3 + 0) / 3)  # = 5/9
@@ -95,8 +93,8 @@ def test_sibling_std_normalisation():
     leaf(t, 0, [7], 0.0)
     leaf(t, 0, [8], 0.0)
     parent, rewards = arrays(t)
-    _, raw = get_advantage("spo_tree")(parent, rewards)
-    _, norm = get_advantage("spo_tree")(parent, rewards, normalize_by_sibling_std=True)
+    _, raw = spo_tree_advantage(parent, rewards)
+    _, norm = spo_tree_advantage(parent, rewards, normalize_by_sibling_std=True)
     std = math.sqrt(3 / 16)  # population std of (1, 0, 0, 0)
     assert raw[1:].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
     assert norm[1:].tolist() == pytest.approx([0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std])
@@ -170,8 +168,9 @@ def test_chain_algorithm_samples_by_hand():
     algo = get_algorithm("spo_chain")(cfg)
     assert algo.use_prob_mask and algo.rho == 0.9
     samples, metrics = algo.samples([t])
-    chain_values([t])
-    assert t[s1].value == 0.0 and t[0].value == 0.5
+    # the values are computed once, by the algorithm, and written on the boundary nodes
+    assert t[s1].value == 0.0 and t[0].value == 0.5 and t[s2].value == 1.0
+    assert t[la].info["spo_values"] == [0.5, 0.0, 1.0] and t[lb].info["spo_values"] == [0.5, 0.0]
     byleaf = {s.info["leaf"]: s for s in samples}
     sa, sb = byleaf[la], byleaf[lb]
     # A: segments [0,3) -> 0 - 0.5, [3,6) -> 1 - 0, [6,8) -> R - 1 = 0
@@ -282,5 +281,5 @@ def test_spo_algorithms_reject_foreign_rollout():
 
 def test_tree_values_written_to_nodes():
     t, pa, n, m, k, ml, kl = paper_figure_tree()
-    tree_values_and_advantages([t])
+    get_algorithm("spo_tree")(load_config(overrides={"train.algo": "spo_tree"})).samples([t])
     assert t[pa].value == pytest.approx(5 / 9) and t[n].info["advantage"] == pytest.approx(4 / 9)

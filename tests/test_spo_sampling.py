@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 
+from segrl.algos.registry import TREE_ESTIMATORS
+from segrl.configs import load_config
 from segrl.engine.hf_engine import Engine, SamplingParams
 from segrl.samplers.partition import CutpointPartition, FixedPartition
 from segrl.samplers.spo_chain import SPOChainSampler
@@ -47,7 +49,9 @@ def test_chain_mc_continuations_continue_from_cached_prefix(tiny_model, char_tok
     trees = eng.new_trees(PROMPTS)
     N, K = 4, 3
     s = SPOChainSampler(CutpointPartition(0.9, 2), N, K, max_completion_length=14, max_segments=3)
-    m = s.sample(eng, trees, parity_scorer)
+    m = s.sample(eng, trees)
+    assert all(n.value is None and n.reward is None for t in trees for n in t.nodes)  # samplers only sample
+    parity_scorer([(t, leaf) for t in trees for leaf in t.leaves()])
     # Each prompt prefilled once; every boundary state is a crop of its trajectory's KV.
     assert eng.stats.prefill_tokens == prefill_once(PROMPTS)
     assert eng.stats.kv_crops == m["mc/states"] > 0
@@ -59,10 +63,11 @@ def test_chain_mc_continuations_continue_from_cached_prefix(tiny_model, char_tok
         assert len(trajs) == N
         mc = [l for l in t.leaves() if t[l].info.get("mc")]
         heads = {t[l].parent for l in mc}
+        values = TREE_ESTIMATORS["spo_chain"]([t], None).values[0]  # V(s_b) = mean of the K continuations
         for h in heads:
             assert sum(1 for c in t[h].children if t[c].info.get("mc")) == K
             rs = [t[c].reward for c in t[h].children if t[c].info.get("mc")]
-            assert t[h].value == pytest.approx(sum(rs) / K)
+            assert values[h] == pytest.approx(sum(rs) / K)
             inner += h != 0
         for leaf in trajs + mc:  # continuation log-probs == full forward over prefix + continuation
             ref = full_forward_logprobs(tiny_model, t, leaf)
@@ -73,7 +78,7 @@ def test_chain_mc_continuations_continue_from_cached_prefix(tiny_model, char_tok
             lps = t.path_logprobs(leaf)
             cuts = [i for i, lp in enumerate(lps) if math.exp(lp) < 0.9]
             assert set(info["spo_bounds"]) <= set(cuts[::2])
-            assert len(info["spo_bounds"]) <= 3 and len(info["spo_values"]) == len(info["spo_bounds"])
+            assert len(info["spo_bounds"]) <= 3 and len(info["spo_nodes"]) == len(info["spo_bounds"])
             for b, node in zip(info["spo_bounds"], info["spo_nodes"]):
                 assert t.completion_len(node) == b
                 assert t.path_token_ids(node, include_prompt=False) == t.path_token_ids(leaf, include_prompt=False)[:b]
@@ -86,7 +91,7 @@ def test_chain_shared_boundary_states_estimated_once(tiny_model, char_tok):
     trees = eng.new_trees(PROMPTS[:2])
     N, K = 4, 2
     s = SPOChainSampler(FixedPartition(length=4), N, K, max_completion_length=10)
-    m = s.sample(eng, trees, parity_scorer)
+    m = s.sample(eng, trees)
     for t in trees:
         # the prompt state is a boundary of all N trajectories but gets K continuations, not N*K
         assert sum(1 for c in t[0].children if t[c].info.get("mc")) == K
@@ -105,7 +110,9 @@ def test_tree_branches_continue_from_cached_prefix(tiny_model, char_tok, unbound
     eng = Engine(tiny_model, char_tok, SamplingParams(temperature=TEMP), seed=2)
     trees = eng.new_trees(PROMPTS)
     M, branch, max_len = 3, [3, 2, 2], 12
-    m = SPOTreeSampler(branch, M, max_len, last_segment_unbounded=unbounded).sample(eng, trees, parity_scorer)
+    m = SPOTreeSampler(branch, M, max_len, last_segment_unbounded=unbounded).sample(eng, trees)
+    assert all(n.value is None and n.reward is None for t in trees for n in t.nodes)  # samplers only sample
+    parity_scorer([(t, leaf) for t in trees for leaf in t.leaves()])
     # Each prompt prefilled once; deeper levels fork cached states; each shared prefix decoded once.
     assert eng.stats.prefill_tokens == prefill_once(PROMPTS)
     assert eng.stats.extend_calls == len(branch)
@@ -128,12 +135,14 @@ def test_tree_branches_continue_from_cached_prefix(tiny_model, char_tok, unbound
         for leaf in t.leaves():
             ref = full_forward_logprobs(tiny_model, t, leaf)
             assert torch.allclose(ref, torch.tensor(t.path_logprobs(leaf)), atol=1e-4)
-        # recursive-mean values and edge advantages are on the nodes
+        # the SPO-tree estimator: recursive-mean values and edge advantages
+        est = TREE_ESTIMATORS["spo_tree"]([t], load_config(overrides={"train.algo": "spo_tree"}))
+        v, adv = est.values[0], est.per_node[0]
         for i, node in enumerate(t.nodes):
             if node.children:
-                assert node.value == pytest.approx(sum(t[c].value for c in node.children) / len(node.children))
+                assert v[i] == pytest.approx(sum(v[c] for c in node.children) / len(node.children))
             if i:
-                assert node.info["advantage"] == pytest.approx(node.value - t[node.parent].value)
+                assert adv[i] == pytest.approx(v[i] - v[node.parent])
     assert all(not t.kv for t in trees)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segrl.algos.advantages import get_advantage, masked_whiten
+from segrl.algos.advantages import masked_whiten
+from segrl.algos.registry import TREE_ESTIMATORS
 from segrl.algos.treepo import (
     group_std_scale,
     normalize_token_advantages,
@@ -161,9 +162,13 @@ def test_segment_level_variant():
     assert flat.mean().item() == pytest.approx(0.0, abs=1e-9)
 
 
-def test_registered():
-    assert get_advantage("treepo") is treepo_advantage
-    assert get_advantage("treepo_segment") is treepo_segment_advantages
+def test_registered_tree_estimators_apply_the_pure_functions():
+    t, n = worked_tree()
+    est = TREE_ESTIMATORS["treepo"]([t], _cfg(normalization="none"))
+    assert est.per_node is None and est.per_segment is None  # one value per trajectory
+    assert dict(zip(t.leaves(), est.per_trajectory.tolist()))[n["B2"][0]] == pytest.approx(2.5 / 3)
+    seg = TREE_ESTIMATORS["treepo_segment"]([t], _cfg()).per_node[0]  # one value per segment
+    assert [seg[i] for i in t.path(n["B2"][0])[1:]] == pytest.approx([0.5, -0.5, 1.0])
 
 
 def _cfg(**tp):

@@ -385,6 +385,17 @@ def test_logprob_divergence_direction():
     assert s._temperature(0.0) == pytest.approx(5.0) and s._temperature(1.0) == pytest.approx(1.0)
 
 
+def test_progress_drives_the_divergence_temperature():
+    """The trainer hands the fraction of training done to the sampler (no back-channel)."""
+    cfg = make_cfg(max_len=8, segment_length=4, max_depth=2, width=4, divergence_policy="low_prob",
+                   divergence_temperature=5.0, divergence_temperature_end=1.0)
+    s = TreePOSampler(cfg)
+    script = lambda t, n, j, lim: ("abcd", "segment")  # noqa: E731
+    # cosine from 5 (progress 0) to 1 (progress 1): at 0.5, 1 + 4 * 0.5 * (1 + cos(pi / 2)) = 3
+    assert s.sample(ScriptEngine(script), [RolloutTree([1, 3])], progress=0.5)["tree/divergence_temperature"] == pytest.approx(3.0)
+    assert s.sample(ScriptEngine(script), [RolloutTree([1, 3])])["tree/divergence_temperature"] == 5.0  # outside training
+
+
 def test_eval_sampler_leaves_exactly_k(model):
     cfg = make_cfg(max_len=16, segment_length=4, max_depth=4, width=8, eval_divergence=4)
     eng = engine_for(model, seed=1)
@@ -421,9 +432,24 @@ def test_invalid_settings_fail_clearly(over, field):
 
 
 def test_cross_section_width_check():
-    cfg = make_cfg(num_generations=3, initial_width=4)  # width unset -> num_generations = 3
+    """The width checks are the config's (SegrlConfig.validate), not the sampler's: they apply
+    whenever training samples with TreePO, and only then."""
+    over = {"train.num_generations": "3", "treepo.initial_width": "4"}  # width unset -> 3
     with pytest.raises(ConfigError, match=r"treepo\.width"):
-        TreePOSampler(cfg)
+        load_config(overrides={"train.algo": "treepo", **over})
+    with pytest.raises(ConfigError, match=r"treepo\.width"):  # GRPO w/ TreePO sampling
+        load_config(overrides={"train.rollout": "treepo", **over})
+    assert load_config(overrides=over).treepo.initial_width == 4  # GRPO's groups: TreePO unused
+    cfg = make_cfg(num_generations=3, initial_width=4)
+    cfg.train.algo = "treepo"  # changed after construction: validated again when used
+    with pytest.raises(ConfigError, match=r"treepo\.width"):
+        cfg.validate()
+    from segrl.trainer.treepo_algorithm import TreePO
+
+    with pytest.raises(ConfigError, match=r"treepo\.width"):
+        TreePO(cfg)
+    with pytest.raises(ConfigError, match="max_rows_in_flight"):  # the evaluation width too
+        load_config(overrides={"eval.rollout": "treepo", "eval.num_samples": "8", "treepo.max_rows_in_flight": "4"})
     assert TreePOSampler(make_cfg(num_generations=4)).width == 4
 
 
@@ -436,7 +462,20 @@ def test_treepo_recipe_defaults_do_not_clobber_user_values():
 
 
 # ----- dynamic sampling / algorithm -----------------------------------------------------------
+class Stream:
+    """A prompt stream stand-in: trees with group ids ``start, start + step, ...``."""
+
+    def __init__(self, start, step=1):
+        self.next_group, self.step = start, step
+
+    def next_trees(self, n):
+        out = [RolloutTree([1, 3], group=self.next_group + self.step * i) for i in range(n)]
+        self.next_group += self.step * n
+        return out
+
+
 def test_dynamic_sampling_filters_on_raw_correctness_and_tops_up():
+    from segrl.trainer.algorithms import Rollout
     from segrl.trainer.treepo_algorithm import TreePO
 
     def script(tree, node, j, lim):
@@ -445,15 +484,7 @@ def test_dynamic_sampling_filters_on_raw_correctness_and_tops_up():
     cfg = make_cfg(max_len=16, segment_length=4, max_depth=3, width=4)
     cfg.train.algo = "treepo"
     cfg.treepo.max_extra_rounds = 2
-    algo = TreePO(cfg)
-    counter = {"g": 0}
-
-    def new_trees(n):
-        out = [RolloutTree([1, 3], group=100 + counter["g"] + i) for i in range(n)]
-        counter["g"] += n
-        return out
-
-    algo.new_trees = new_trees
+    algo = TreePO(cfg, prompts=Stream(100))  # the prompt stream is handed in at construction
 
     def scorer(refs):
         for t, l in refs:
@@ -464,8 +495,9 @@ def test_dynamic_sampling_filters_on_raw_correctness_and_tops_up():
         return {"rewards/x": 1.0}
 
     trees = [RolloutTree([1, 3], group=g) for g in range(4)]
-    m = algo.rollout(ScriptEngine(script), trees, scorer)
-    kept = m.pop("_trees")
+    roll = algo.rollout(ScriptEngine(script), trees, scorer)
+    assert isinstance(roll, Rollout) and "_trees" not in roll.metrics
+    kept, m = roll.trees, roll.metrics
     assert len(kept) == 4
     assert all(t.group == 0 or t.group % 2 == 0 for t in kept)
     assert 1 <= m["dynamic/extra_rounds"] <= 2
@@ -473,10 +505,9 @@ def test_dynamic_sampling_filters_on_raw_correctness_and_tops_up():
     samples, am = algo.samples(kept)
     assert len(samples) == 16 and math.isfinite(am["advantages/mean"])
     # bounded: with no mixed prompt at all, at most max_extra_rounds extra rounds, empty batch
-    counter["g"] = 1  # odd groups only
-    algo.new_trees = lambda n: [RolloutTree([1, 3], group=101 + 2 * i) for i in range(n)]
-    m = algo.rollout(ScriptEngine(script), [RolloutTree([1, 3], group=1)], scorer)
-    assert m["_trees"] == [] and m["dynamic/extra_rounds"] == 2
+    algo = TreePO(cfg, prompts=Stream(101, 2))  # odd groups only
+    roll = algo.rollout(ScriptEngine(script), [RolloutTree([1, 3], group=1)], scorer)
+    assert roll.trees == [] and roll.metrics["dynamic/extra_rounds"] == 2
     assert algo.samples([]) == ([], {})
 
 
@@ -495,7 +526,7 @@ def test_grpo_with_treepo_sampling(model):
             t[l].info["correct"] = float(l % 2)
         return {}
 
-    m = algo.rollout(eng, trees, scorer)
+    m = algo.rollout(eng, trees, scorer).metrics
     assert m["tree/leaves"] == 4
     samples, _ = algo.samples(trees)
     assert len(samples) == 8

@@ -1,67 +1,69 @@
-"""Advantage estimators: pure tensor functions in a name registry (verl's ``core_algos`` style).
+"""Outcome advantage estimators and whitening: pure tensor functions (verl ``core_algos`` style).
 
-Outcome estimators here take one reward per trajectory and the prompt (group) index of each
-trajectory and return one advantage per trajectory. Tree estimators (SPO, TreePO) register
-themselves from their own modules and work on :class:`~segrl.tree.RolloutTree` arrays.
+Every function in :data:`~segrl.algos.registry.OUTCOME_ESTIMATORS` has one signature::
+
+    f(rewards [N], index [N], *, scale_rewards: str = "group", stats: MeanStd | None = None) -> [N]
+
+``rewards``: one scalar per trajectory; ``index``: the prompt (group) id of each trajectory;
+``scale_rewards``: ``group`` | ``batch`` | ``none`` (``train.scale_rewards``); ``stats``:
+batch ``(count, mean, std)`` of a tensor (default: this process's; under torchrun every
+rank's, :func:`segrl.distributed.global_mean_std`). Tree estimators (SPO, TreePO) live in
+:mod:`segrl.algos.spo` and :mod:`segrl.algos.treepo`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
+from .registry import OUTCOME_ESTIMATORS
+
+Tensor = torch.Tensor
+#: ``stats(values, weights) -> (count, mean, unbiased std)``: batch statistics of a tensor
+MeanStd = Callable[[torch.Tensor, torch.Tensor], tuple[float, float, float]]
 
 
-def register_advantage(name: str):
-    """Decorator: make an estimator available under ``name`` (``get_advantage(name)``)."""
-
-    def deco(fn):
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} registered twice")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_advantage(name: str) -> Callable:
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise KeyError(f"unknown advantage estimator {name!r}; known: {sorted(ADVANTAGE_ESTIMATORS)}") from None
-
-
-def _group_stats(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-element group mean, unbiased group std (0 for singleton groups) and group size."""
+def _group_stats(x: torch.Tensor, index: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-element group mean, group std (unbiased: 0 for singleton groups) and group size."""
     _, inv, counts = torch.unique(index, return_inverse=True, return_counts=True)
     n = counts.to(x.dtype)
     s = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, inv, x)
     mean = s / n
     sq = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, inv, (x - mean[inv]) ** 2)
-    std = torch.where(n > 1, (sq / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(n))
+    if unbiased:
+        std = torch.where(n > 1, (sq / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(n))
+    else:
+        std = (sq / n).sqrt()
     return mean[inv], std[inv], n[inv]
 
 
-def _scale(adv: torch.Tensor, rewards: torch.Tensor, group_std: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
-    """Divide by the group std, the batch std, or nothing (``scale_rewards``)."""
+def _scale(
+    adv: torch.Tensor,
+    rewards: torch.Tensor,
+    group_std: torch.Tensor,
+    scale: str,
+    eps: float,
+    stats: MeanStd | None,
+    unbiased: bool = True,
+) -> torch.Tensor:
+    """Divide by the group std, the batch std (from ``stats``), or nothing (``scale_rewards``)."""
     if scale == "group":
         return adv / (group_std + eps)
     if scale == "batch":
-        return adv / (rewards.std() + eps) if rewards.numel() > 1 else adv
+        n, _, std = (stats or weighted_mean_std)(rewards, torch.ones_like(rewards))
+        if n < 2:
+            return adv
+        if not unbiased:
+            std *= ((n - 1) / n) ** 0.5
+        return adv / (std + eps)
     if scale == "none":
         return adv
     raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale!r}")
 
 
-@register_advantage("grpo")
-def grpo_advantage(
-    rewards: torch.Tensor,
-    index: torch.Tensor,
-    scale_rewards: str = "group",
-    eps: float = 1e-4,
-) -> torch.Tensor:
+@OUTCOME_ESTIMATORS.register("grpo")
+def grpo_advantage(rewards: Tensor, index: Tensor, scale_rewards: str = "group", stats: MeanStd | None = None, eps: float = 1e-4) -> Tensor:
     """GRPO group-relative advantage (Shao et al. 2024, arXiv 2402.03300; TRL semantics).
 
     ``A_i = (r_i - mean(r_group)) / (std + eps)`` where ``std`` is
@@ -73,25 +75,46 @@ def grpo_advantage(
     Args:
         rewards: ``[N]`` one scalar reward per trajectory.
         index: ``[N]`` the group (prompt) id of each trajectory.
+        stats: batch statistics for ``batch`` (see the module docstring).
     Returns:
         ``[N]`` advantages.
     """
     mean, std, _ = _group_stats(rewards, index)
-    return _scale(rewards - mean, rewards, std, scale_rewards, eps)
+    return _scale(rewards - mean, rewards, std, scale_rewards, eps, stats)
 
 
-@register_advantage("rloo")
-def rloo_advantage(rewards: torch.Tensor, index: torch.Tensor, scale_rewards: str = "none", eps: float = 1e-4) -> torch.Tensor:
+@OUTCOME_ESTIMATORS.register("rloo")
+def rloo_advantage(rewards: Tensor, index: Tensor, scale_rewards: str = "none", stats: MeanStd | None = None, eps: float = 1e-4) -> Tensor:
     """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv 2402.14740).
 
     ``A_i = r_i - mean_{j != i, same group} r_j = n/(n-1) * (r_i - mean(r_group))``.
-    Singleton groups get 0. ``scale_rewards`` as in :func:`grpo_advantage` (default none).
+    Singleton groups get 0. RLOO has no per-group std (TRL's ``RLOOTrainer``): ``group`` and
+    ``none`` leave the advantages unscaled, ``batch`` divides by the batch reward std.
 
     Shapes: ``rewards [N]``, ``index [N]`` -> ``[N]``.
     """
     mean, std, n = _group_stats(rewards, index)
     adv = torch.where(n > 1, n / (n - 1).clamp(min=1) * (rewards - mean), torch.zeros_like(rewards))
-    return _scale(adv, rewards, std, scale_rewards, eps)
+    return _scale(adv, rewards, std, "batch" if scale_rewards == "batch" else "none", eps, stats)
+
+
+@OUTCOME_ESTIMATORS.register("spo_grpo")
+def spo_grpo_advantage(
+    rewards: Tensor, index: Tensor, scale_rewards: str = "group", stats: MeanStd | None = None, eps: float = 1e-8
+) -> Tensor:
+    """GRPO as the SPO reference code computes its baseline (Guo et al., arXiv 2505.23564;
+    ``math_episode_generator_with_group_advantages.py``, ``adv_method=grpo``):
+    ``(r - mean) / (std + 1e-8)`` with the *population* std (``ddof=0``) of the group.
+
+    It differs from :func:`grpo_advantage` (unbiased std, ``eps`` 1e-4) only in the scale:
+    with 8 samples a group std is ``sqrt(7/8)`` of the unbiased one, so advantages are ~7%
+    larger; a group of equal rewards still gets 0. ``scale_rewards``: ``group`` (the
+    reference), ``batch`` (population std of the batch), ``none``.
+
+    Shapes: ``rewards [N]``, ``index [N]`` -> ``[N]``.
+    """
+    mean, std, _ = _group_stats(rewards, index, unbiased=False)
+    return _scale(rewards - mean, rewards, std, scale_rewards, eps, stats, unbiased=False)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, stats: MeanStd | None = None) -> torch.Tensor:
@@ -108,9 +131,6 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, s
         return values
     out = (values - mean) / torch.sqrt(torch.tensor(std**2 + eps, dtype=values.dtype))
     return torch.where(mask.bool(), out, values)
-
-
-MeanStd = Callable[[torch.Tensor, torch.Tensor], tuple[float, float, float]]
 
 
 def weighted_mean_std(values: torch.Tensor, weights: torch.Tensor) -> tuple[float, float, float]:

@@ -3,6 +3,12 @@
 Shapes: ``[B, T]`` per-token tensors for ``B`` sequences of ``T`` response positions, with a
 ``mask`` marking the tokens that are trained (response tokens, minus whatever the probability
 mask or truncation masking removed).
+
+The aggregations (TRL's ``loss_type``) are registered in
+:data:`~segrl.algos.registry.LOSS_AGGREGATIONS` with one signature,
+``f(per_token [B, T], mask [B, T], norm: LossNormalizer) -> scalar``: summed over all the
+micro-batches of a step, the returned values give the batch loss whatever the micro-batch
+size.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+from .registry import LOSS_AGGREGATIONS
 
 
 @dataclass
@@ -64,28 +70,41 @@ def clipped_surrogate(
     return loss, flags
 
 
+@LOSS_AGGREGATIONS.register("grpo")
+def grpo_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:
+    """Mean over sequences of each sequence's token mean (GRPO paper, arXiv 2402.03300).
+    ``[B, T], [B, T] -> []``."""
+    seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return seq.sum() / max(norm.num_sequences, 1)
+
+
+@LOSS_AGGREGATIONS.register("bnpo")
+def bnpo_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:
+    """Token mean within each micro-batch, averaged over micro-batches (TRL's ``bnpo``).
+    ``[B, T], [B, T] -> []``."""
+    return (per_token * mask).sum() / mask.sum().clamp(min=1) / max(norm.num_micro_batches, 1)
+
+
+@LOSS_AGGREGATIONS.register("dr_grpo")
+def dr_grpo_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:
+    """Token sum / (sequences x ``max_completion_length``) (Dr. GRPO, arXiv 2503.20783).
+    ``[B, T], [B, T] -> []``."""
+    return (per_token * mask).sum() / (max(norm.num_sequences, 1) * norm.max_completion_length)
+
+
+@LOSS_AGGREGATIONS.register("dapo")
+def dapo_loss(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:
+    """Token sum / masked tokens of the whole batch (DAPO's token-level mean, arXiv 2503.14476).
+    ``[B, T], [B, T] -> []``."""
+    return (per_token * mask).sum() / max(norm.num_tokens, 1)
+
+
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, norm: LossNormalizer) -> torch.Tensor:
-    """Reduce a ``[B, T]`` per-token loss of one micro-batch to the scalar to backprop.
-
-    Summing the returned values over all micro-batches gives the batch loss, whatever the
-    micro-batch size (TRL's definitions):
-
-    * ``grpo``: mean over sequences of each sequence's token mean (GRPO paper);
-    * ``bnpo``: token mean within each micro-batch, averaged over micro-batches;
-    * ``dr_grpo``: token sum / (sequences * ``max_completion_length``) (Dr. GRPO);
-    * ``dapo``: token sum / masked tokens of the whole batch (DAPO's token-level mean).
-    """
-    m = mask.to(per_token.dtype)
-    if loss_type == "grpo":
-        seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
-        return seq.sum() / max(norm.num_sequences, 1)
-    if loss_type == "bnpo":
-        return (per_token * m).sum() / m.sum().clamp(min=1) / max(norm.num_micro_batches, 1)
-    if loss_type == "dr_grpo":
-        return (per_token * m).sum() / (max(norm.num_sequences, 1) * norm.max_completion_length)
-    if loss_type == "dapo":
-        return (per_token * m).sum() / max(norm.num_tokens, 1)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    """Reduce a ``[B, T]`` per-token loss of one micro-batch to the scalar to backprop with the
+    ``loss_type`` aggregation (:data:`~segrl.algos.registry.LOSS_AGGREGATIONS`)."""
+    if loss_type not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_type must be one of {LOSS_AGGREGATIONS.names()}, got {loss_type!r}")
+    return LOSS_AGGREGATIONS[loss_type](per_token, mask.to(per_token.dtype), norm)
 
 
 def policy_loss(

@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 from ..tree import FinishReason, RolloutTree
 
 
+class SampleInfo:
+    """The keys of :attr:`TrainSample.info`, declared once."""
+
+    LEAF = "leaf"  # a trajectory sample: the leaf its path ends at
+    NODE = "node"  # a segment sample (SPO-tree): the node it trains
+    QID = "qid"  # the prompt it belongs to (SPO's per-prompt whitening and replay buffer)
+
+
 @dataclass
 class TrainSample:
     """One trained sequence.
@@ -24,6 +32,7 @@ class TrainSample:
         advantages: one advantage per response token.
         mask: 1 for tokens in the loss, 0 for tokens left out (probability mask, truncation).
         group: prompt index (for metrics).
+        info: annotations keyed by :class:`SampleInfo`.
     """
 
     context: list[int]
@@ -68,4 +77,4 @@ def trajectory_sample(
     mask = prob_mask(lps, rho) if rho is not None else [1] * len(resp)
     if mask_truncated and tree[leaf].finish_reason in FinishReason.TRUNCATED:
         mask = [0] * len(resp)
-    return TrainSample(tree.prompt_ids(), resp, lps, adv, mask, group=tree.group, info={"leaf": leaf})
+    return TrainSample(tree.prompt_ids(), resp, lps, adv, mask, group=tree.group, info={SampleInfo.LEAF: leaf})

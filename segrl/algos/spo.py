@@ -1,7 +1,8 @@
 """SPO advantage estimators (Segment Policy Optimization, Guo et al., arXiv 2505.23564).
 
-Pure functions on plain arrays, registered as ``spo_chain`` and ``spo_tree`` in the
-advantage registry. No critic: values are Monte-Carlo means of rewards.
+Pure functions on plain arrays, and the tree estimators ``spo_chain`` and ``spo_tree``
+(:data:`~segrl.algos.registry.TREE_ESTIMATORS`) that apply them to a scored
+:class:`~segrl.tree.RolloutTree`. No critic: values are Monte-Carlo means of rewards.
 
 SPO-chain (paper Sec. 4.2, Fig. "advantage estimation (a)"): a trajectory ``y`` with reward
 ``R`` is cut at boundaries ``b_1 < ... < b_J``; ``V(s_{b_j})`` is the mean reward of ``K``
@@ -24,11 +25,13 @@ Worked example of the paper's figure: children values ``1, 2/3, 0`` give
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from collections.abc import Sequence
 
 import torch
 
-from .advantages import register_advantage
+from ..tree import NodeInfo, RolloutTree
+from .registry import TREE_ESTIMATORS, TreeEstimate
 
 
 def tree_values(parent: Sequence[int] | torch.Tensor, leaf_values: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -110,7 +113,6 @@ def tree_edge_advantages(
     return adv
 
 
-@register_advantage("spo_tree")
 def spo_tree_advantage(
     parent: Sequence[int] | torch.Tensor,
     leaf_rewards: Sequence[float] | torch.Tensor,
@@ -130,7 +132,6 @@ def spo_tree_advantage(
     return v, tree_edge_advantages(parent, v, normalize_by_sibling_std, eps)
 
 
-@register_advantage("spo_chain")
 def spo_chain_advantage(boundary_values: Sequence[float] | torch.Tensor, reward: float) -> torch.Tensor:
     """Segment advantages of one SPO-chain trajectory.
 
@@ -174,3 +175,78 @@ def chain_token_advantages(
     for start, end, a in zip(b, ends, seg.tolist()):
         out[start:end] = a
     return out
+
+
+@TREE_ESTIMATORS.register("spo_tree")
+def spo_tree_estimate(trees: Sequence[RolloutTree], cfg) -> TreeEstimate:
+    """SPO-tree credit of scored trees (Guo et al., arXiv 2505.23564, Sec. 5): recursive-mean
+    values and edge advantages (:func:`spo_tree_advantage`; ``spo.normalize_by_sibling_std``
+    of ``cfg``).
+
+    Returns ``per_node`` (``[len(tree)]`` per tree: ``V(node) - V(parent)``, 0 for the root)
+    and ``values`` (the recursive means).
+    """
+    per_node, values = [], []
+    for tree in trees:
+        parent = [n.parent for n in tree.nodes]
+        rewards = [float("nan") if n.reward is None else float(n.reward) for n in tree.nodes]
+        v, adv = spo_tree_advantage(parent, rewards, cfg.spo.normalize_by_sibling_std)
+        per_node.append(adv.tolist())
+        values.append(v.tolist())
+    return TreeEstimate(per_node=per_node, values=values)
+
+
+def mc_value(tree: RolloutTree, node: int) -> float:
+    """Mean reward of the Monte-Carlo continuations (``NodeInfo.MC`` children) of ``node``."""
+    rs = [tree[c].reward for c in tree[node].children if tree[c].info.get(NodeInfo.MC)]
+    if not rs or any(r is None for r in rs):
+        raise ValueError(f"boundary node {node} has no scored MC continuations")
+    return float(sum(rs)) / len(rs)
+
+
+@TREE_ESTIMATORS.register("spo_chain")
+def spo_chain_estimate(trees: Sequence[RolloutTree], cfg) -> TreeEstimate:
+    """SPO-chain credit (arXiv 2505.23564, Sec. 4.2) of scored chain trees: the SPO-chain
+    sampler's output, each trajectory leaf carrying ``NodeInfo.SPO_BOUNDS`` and
+    ``NodeInfo.SPO_NODES`` (the representative boundary nodes whose MC continuations give
+    ``V(s_b)``).
+
+    The segment ``[b_j, b_{j+1})`` (one chain node) gets :func:`spo_chain_advantage`'s
+    ``A_j``; the node before the first boundary, the root and the MC continuations get 0.
+    ``cfg`` is not read.
+
+    Returns ``per_node`` (``[len(tree)]`` per tree) and ``values``: ``V(s_b)`` on every
+    boundary node (representatives and their duplicates, ``NodeInfo.MC_FROM``), the reward
+    on trajectory leaves, NaN elsewhere.
+    """
+    per_node, values = [], []
+    for tree in trees:
+        adv, vals = _chain_tree(tree)
+        per_node.append(adv)
+        values.append(vals)
+    return TreeEstimate(per_node=per_node, values=values)
+
+
+def _chain_tree(tree: RolloutTree) -> tuple[list[float], list[float]]:
+    adv = [0.0] * len(tree)
+    values = [math.nan] * len(tree)
+    for leaf in tree.leaves(include_mc=False):
+        info = tree[leaf].info
+        bounds = info.get(NodeInfo.SPO_BOUNDS)
+        if bounds is None:
+            raise ValueError(f"trajectory leaf {leaf} has no {NodeInfo.SPO_BOUNDS!r}: not an SPO-chain rollout")
+        vals = []
+        for rep in info[NodeInfo.SPO_NODES]:
+            if math.isnan(values[rep]):
+                values[rep] = mc_value(tree, rep)
+            vals.append(values[rep])
+        values[leaf] = float(tree[leaf].reward)
+        if bounds:
+            seg = spo_chain_advantage(vals, values[leaf]).tolist()
+            for node, start, _ in tree.segment_spans(leaf):
+                if start in bounds:
+                    adv[node] = seg[bounds.index(start)]
+    for i, n in enumerate(tree.nodes):  # duplicates of a shared boundary state
+        if NodeInfo.MC_FROM in n.info:
+            values[i] = values[n.info[NodeInfo.MC_FROM]]
+    return adv, values

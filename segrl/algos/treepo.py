@@ -10,11 +10,15 @@ group, the root). For every leaf ``i``::
 
 Sub-groups with one leaf are skipped (their term is 0); the root is always kept unless
 ``include_root=False``; ``reject_zero_std=True`` also drops sub-groups whose rewards have zero
-std (Eq. 7). Then a normalisation (see :func:`normalize_tree_advantages`):
+std (Eq. 7). Then a normalisation (``treepo.normalization``):
 
 * ``batch_whiten`` (the released code, REINFORCE++-baseline): the scalar is broadcast to every
-  response token and whitened over the whole batch, so the mean and std are token-weighted;
-* ``group_std`` (Eq. 5 as written): divided by the std of the prompt group's rewards;
+  response token and whitened over the whole batch, so the mean and std are token-weighted
+  (:func:`normalize_tree_advantages`);
+* ``subgroup_std`` (Eq. 5 as written): ``A_i / std_j(A_ij)``, the unbiased std of the leaf's
+  own kept sub-group advantages (``term_std=True`` of :func:`treepo_advantage`);
+* ``group_std``: divided by the std of the prompt group's rewards (a GRPO-style scale; not
+  the paper's);
 * ``none``.
 
 Worked example (one prompt, q -> {A, B} -> {A1, A2, B1, B2} -> 2 leaves each, rewards
@@ -22,21 +26,23 @@ A1 (+1, -1), A2 (-1, -1), B1 (+1, +1), B2 (+1, -1)): the winning B2 leaf gets
 (1 + 0.5 + 1) / 3 = 0.833 averaged and (8 + 2 + 2) / 14 = 0.857 size-weighted; a B1 leaf
 (1 + 0.5 + 0) / 3 = 0.5 (before normalisation).
 
-The segment-level variant (:func:`treepo_segment_advantages`) gives each segment node the
-value difference ``V(node) - V(parent)``, ``V`` = mean reward of the node's leaves.
+Segment-level variants: :mod:`segrl.algos.treepo_segment`. The tree estimator ``treepo``
+(:data:`~segrl.algos.registry.TREE_ESTIMATORS`) applies :func:`treepo_advantage` to one tree
+with the ``treepo.*`` settings.
 
 All functions are pure (no tree is modified).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from ..tree import RolloutTree
-from .advantages import MeanStd, register_advantage, weighted_mean_std
+from .advantages import MeanStd, weighted_mean_std
+from .registry import TREE_ESTIMATORS, TreeEstimate
 
 
 @dataclass
@@ -63,9 +69,10 @@ class SubgroupIndex:
 def tree_subgroups(trees: Sequence[RolloutTree], dedup: bool = False) -> SubgroupIndex:
     """Every internal node (root included) of every tree is a sub-group: its leaves.
 
-    With ``dedup=True`` a node whose leaf set equals its only child's is skipped (a chain
-    would otherwise count the same sub-group at several depths, as the paper's per-depth sum
-    does).
+    With ``dedup=True`` every distinct leaf set is counted once: a node that is its parent's
+    only child (same leaf set as the parent) is skipped, so a chain of single-child nodes
+    counts once, as its top node (the root, when the chain starts there). Without it the
+    same sub-group counts at every depth of such a chain, as the paper's per-depth sum does.
     """
     refs: list[tuple[RolloutTree, int]] = []
     pl: list[int] = []
@@ -79,7 +86,7 @@ def tree_subgroups(trees: Sequence[RolloutTree], dedup: bool = False) -> Subgrou
         gid: dict[int, int] = {}
         for l in leaves:
             for a in t.ancestors(l):
-                if dedup and a != 0 and len(t[a].children) == 1 and not t[t[a].children[0]].is_leaf:
+                if dedup and a != 0 and len(t[t[a].parent].children) == 1:
                     continue
                 if a not in gid:
                     gid[a] = len(roots)
@@ -96,7 +103,6 @@ def tree_subgroups(trees: Sequence[RolloutTree], dedup: bool = False) -> Subgrou
     )
 
 
-@register_advantage("treepo")
 def treepo_advantage(
     rewards: torch.Tensor,
     pair_leaf: torch.Tensor,
@@ -105,8 +111,10 @@ def treepo_advantage(
     aggregation: str = "average",
     reject_zero_std: bool = False,
     include_root: bool = True,
+    term_std: bool = False,
+    eps: float = 1e-4,
 ) -> torch.Tensor:
-    """TreePO sub-group advantage before normalisation (Eq. 5 / 6 / 7).
+    """TreePO sub-group advantage (Eq. 5 / 6 / 7), before any batch normalisation.
 
     Args:
         rewards: ``[N]`` one reward per leaf.
@@ -116,6 +124,9 @@ def treepo_advantage(
             by sub-group size).
         reject_zero_std: drop sub-groups whose rewards have zero std (Eq. 7).
         include_root: keep the root term (the ablation drops it).
+        term_std: divide by ``std_j(A_ij) + eps``, the unbiased std of the leaf's kept terms
+            (Eq. 5's denominator as written); a leaf with fewer than two kept terms, whose
+            std is undefined, is left unscaled.
     Returns:
         ``[N]`` advantages (0 for a leaf with no kept sub-group).
     """
@@ -139,7 +150,41 @@ def treepo_advantage(
     w = k * (size[pair_group] if aggregation == "size" else 1.0)
     num = torch.zeros(N, dtype=torch.float64).index_add_(0, pair_leaf, w * a)
     den = torch.zeros(N, dtype=torch.float64).index_add_(0, pair_leaf, w)
-    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num)).to(rewards.dtype)
+    out = torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+    if term_std:
+        out = out / _term_std(a, k, pair_leaf, N, eps)
+    return out.to(rewards.dtype)
+
+
+def _term_std(a: torch.Tensor, keep: torch.Tensor, pair_leaf: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """Per leaf: ``std + eps`` of its kept terms ``a`` (unbiased), or 1 with fewer than two."""
+    cnt = torch.zeros(n, dtype=torch.float64).index_add_(0, pair_leaf, keep)
+    mean = torch.zeros(n, dtype=torch.float64).index_add_(0, pair_leaf, keep * a) / cnt.clamp(min=1)
+    sq = torch.zeros(n, dtype=torch.float64).index_add_(0, pair_leaf, keep * (a - mean[pair_leaf]) ** 2)
+    return torch.where(cnt > 1, (sq / (cnt - 1).clamp(min=1)).sqrt() + eps, torch.ones_like(cnt))
+
+
+@TREE_ESTIMATORS.register("treepo")
+def treepo_estimate(trees: Sequence[RolloutTree], cfg) -> TreeEstimate:
+    """TreePO's tree advantage of each trajectory (paper Eq. 5-7; see the module docstring),
+    with the ``treepo.*`` settings of ``cfg``: ``advantage_aggregation``,
+    ``reject_zero_std_subgroups``, ``include_root``, ``dedup_subgroups``, and
+    ``normalization=subgroup_std`` (the only per-leaf normalisation; the batch-wide ones are
+    the algorithm's).
+
+    Returns ``per_trajectory``: ``[N]``, every token of a trajectory gets its leaf's value.
+    """
+    tp = cfg.treepo
+    idx = tree_subgroups(trees, dedup=tp.dedup_subgroups)
+    rewards = torch.tensor([float(t[l].reward) for t, l in idx.refs], dtype=torch.float64)
+    adv = treepo_advantage(
+        rewards, idx.pair_leaf, idx.pair_group, idx.is_root,
+        aggregation=tp.advantage_aggregation,
+        reject_zero_std=tp.reject_zero_std_subgroups,
+        include_root=tp.include_root,
+        term_std=tp.normalization == "subgroup_std",
+    )
+    return TreeEstimate(per_trajectory=adv)
 
 
 def token_weighted_whiten(values: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-8, stats: MeanStd | None = None) -> torch.Tensor:
@@ -175,21 +220,23 @@ def normalize_tree_advantages(
     index: torch.Tensor | None = None,
     stats: MeanStd | None = None,
 ) -> torch.Tensor:
-    """``batch_whiten`` (code) | ``group_std`` (paper Eq. 5) | ``none``; see module docstring.
-    ``stats``: batch statistics (all ranks under torchrun), see :func:`token_weighted_whiten`."""
-    if mode == "none":
+    """``batch_whiten`` (code) | ``group_std`` | ``none`` (``subgroup_std``: already applied
+    per leaf by the estimator); see module docstring. ``stats``: batch statistics (all ranks
+    under torchrun), see :func:`token_weighted_whiten`. Shapes: ``[N]`` each -> ``[N]``."""
+    if mode in ("none", "subgroup_std"):
         return adv
     if mode == "batch_whiten":
         return token_weighted_whiten(adv, lengths if lengths is not None else torch.ones_like(adv), stats=stats)
     if mode == "group_std":
         return group_std_scale(adv, rewards, index)
-    raise ValueError(f"normalization must be batch_whiten, group_std or none, got {mode!r}")
+    raise ValueError(f"normalization must be batch_whiten, subgroup_std, group_std or none, got {mode!r}")
 
 
-@register_advantage("treepo_segment")
 def treepo_segment_advantages(tree: RolloutTree, rewards: dict[int, float]) -> dict[int, float]:
-    """Segment-level TreePO credit: ``A(node) = V(node) - V(parent)`` for every non-root node,
-    with ``V(node)`` = mean reward of the leaves below it (``V(leaf)`` = its reward).
+    """Segment-level TreePO credit (``treepo.segment_values=leaf_mean``):
+    ``A(node) = V(node) - V(parent)`` for every non-root node, with ``V(node)`` = mean reward
+    of the leaves below it (``V(leaf)`` = its reward). The released code's variant differs:
+    :func:`segrl.algos.treepo_segment.code_segment_advantages`.
 
     Along a root-to-leaf path the segment advantages sum to ``R_leaf - V(root)``.
 

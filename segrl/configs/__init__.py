@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .loader import ConfigError, describe, load, to_dict
-from .sections import DataConfig, EvalConfig, LogConfig, ModelConfig, SamplingConfig, TrainConfig
 from .scale import DistributedConfig, LoRAConfig
+from .sections import DataConfig, EvalConfig, LogConfig, ModelConfig, SamplingConfig, TrainConfig
 from .spo import SPOConfig
 from .treepo import TreePOConfig
 
@@ -25,6 +25,16 @@ class SegrlConfig:
     treepo: TreePOConfig = field(default_factory=TreePOConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-section checks (:func:`segrl.configs.checks.validate`); run on construction,
+        call again after changing fields in Python."""
+        from .checks import validate
+
+        validate(self)
 
 
 def load_config(path=None, overrides=None) -> SegrlConfig:

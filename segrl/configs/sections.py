@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import checks
 from .loader import check, option
-
-ALGOS = ("grpo", "rloo", "spo_chain", "spo_tree", "treepo")
 
 
 @dataclass
@@ -75,8 +74,21 @@ class SamplingConfig:
 class TrainConfig:
     """Optimisation and the policy-gradient objective (TRL GRPOConfig names)."""
 
-    algo: str = option("grpo", help="grpo | rloo | spo_chain | spo_tree | treepo.", choices=ALGOS)
-    rollout: str = option("auto", help="Rollout sampler: 'auto' (the algorithm's own), 'group' (independent samples), 'treepo' (TreePO segment trees; 'GRPO with TreePO sampling').", choices=("auto", "group", "treepo"))
+    algo: str = option("grpo", help="The algorithm (segrl.trainer.algorithms registry): grpo | rloo | spo_chain | spo_tree | treepo.")
+    rollout: str = option(
+        "auto",
+        help="Rollout sampler (segrl.samplers.registry; the same names as eval.rollout): 'auto' (the algorithm's own), 'group' "
+        "(num_generations independent completions per prompt; old name 'independent'), 'treepo' (TreePO segment trees: 'GRPO w/ TreePO "
+        "sampling' with algo grpo), 'spo_tree' (SPO-tree segment trees), 'spo_chain' (SPO-chain trajectories + Monte-Carlo continuations). "
+        "SPO algorithms only train with their own sampler.",
+    )
+    adv_estimator: str = option(
+        "auto",
+        help="Advantage estimator (verl's adv_estimator; segrl.algos.registry): 'auto' (the algorithm's own), outcome estimators on the "
+        "trajectories of any sampler: 'grpo', 'rloo', 'spo_grpo' (the SPO reference's GRPO baseline: population std, eps 1e-8); tree "
+        "estimators: 'spo_tree' (V = mean of children, A = V(child) - V(parent)), 'treepo' (sub-group advantages), 'treepo_segment' "
+        "(treepo.segment_values), 'spo_chain' (needs the spo_chain sampler). The algorithm keeps its own normalisation and update.",
+    )
     max_steps: int = option(240, help="Training steps (one rollout batch + num_iterations optimisation passes each).")
     max_generated_tokens: int = option(0, help="Also stop once the tokens the rollout engine has decoded in training (every sampled token: trajectories, tree branches, SPO-chain's Monte-Carlo continuations, dynamic-sampling retries; not evaluation) reach this many (0 = off). Checked after each step, so a run overshoots by less than one step's tokens; max_steps still caps, and sets the length of the lr schedule.")
     prompts_per_step: int = option(16, help="Prompts sampled per step; each gets num_generations completions (GRPO).")
@@ -97,7 +109,7 @@ class TrainConfig:
     epsilon_high: float | None = option(None, help="Upper clip range (DAPO clip-higher, e.g. 0.28); default = epsilon.")
     dual_clip: float | None = option(None, help="Dual-clip constant c for negative advantages (e.g. 10.0; off by default).")
     beta: float = option(0.0, help="KL coefficient (k3 estimator, in the loss) against the frozen initial model; 0 loads no reference model.")
-    loss_type: str = option("dapo", help="grpo | bnpo | dr_grpo | dapo (TRL's meanings; dapo = token mean over the whole batch).", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: str = option("dapo", help="grpo | bnpo | dr_grpo | dapo (TRL's meanings; dapo = token mean over the whole batch).")
     scale_rewards: str = option("group", help="GRPO advantage scaling: group | batch | none (Dr. GRPO).", choices=("group", "batch", "none"))
     mask_truncated_completions: bool = option(False, help="Exclude completions cut off at max_completion_length from the loss (DAPO).")
     use_prob_mask: bool | None = option(None, help="Train only tokens whose sampling probability is below prob_mask_rho (SPO). Default: on for SPO, off otherwise.")
@@ -120,6 +132,11 @@ class TrainConfig:
         check(self.beta >= 0, "train.beta", "must be >= 0")
         check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
         check(0 < self.prob_mask_rho <= 1, "train.prob_mask_rho", "must be in (0, 1]")
+        checks.check_name(self.algo, "train.algo", checks.algorithm_names())
+        checks.check_name(self.loss_type, "train.loss_type", checks.loss_types())
+        checks.check_name(self.adv_estimator, "train.adv_estimator", ("auto", *checks.estimator_names()))
+        self.rollout = checks.canonical_sampler(self.rollout)
+        checks.check_name(self.rollout, "train.rollout", ("auto", *checks.sampler_names()))
         if self.algo in ("grpo", "rloo"):
             check(self.num_generations >= 2, "train.num_generations", f"{self.algo} needs groups of at least 2")
 
@@ -135,7 +152,11 @@ class EvalConfig:
     eval_every_tokens: int = option(0, help="Also evaluate during training each time the generated-token count (train.max_generated_tokens' count) passes a multiple of this (0 = off): evaluation points that line up across methods whose steps cost different numbers of tokens. A step passing several multiples triggers one evaluation.")
     eval_before: bool = option(True, help="Evaluate the initial model before training.")
     eval_after: bool = option(True, help="Evaluate the final model after training.")
-    rollout: str = option("independent", help="independent | treepo: how evaluation samples are drawn.", choices=("independent", "treepo"))
+    rollout: str = option(
+        "group",
+        help="How evaluation samples are drawn (the train.rollout vocabulary, samplers that give exactly num_samples leaves per "
+        "problem): 'group' (independent samples; old name 'independent') or 'treepo' (TreePO trees, treepo.eval_divergence).",
+    )
 
     def __post_init__(self):
         check(self.num_problems > 0, "eval.num_problems", "must be > 0")
@@ -143,6 +164,8 @@ class EvalConfig:
         check(self.temperature is None or self.temperature >= 0, "eval.temperature", "must be >= 0")
         check(self.eval_steps >= 0, "eval.eval_steps", "must be >= 0")
         check(self.eval_every_tokens >= 0, "eval.eval_every_tokens", "must be >= 0 (0 = off)")
+        self.rollout = checks.canonical_sampler(self.rollout)
+        checks.check_name(self.rollout, "eval.rollout", checks.sampler_names(for_eval=True))
 
 
 @dataclass

@@ -7,9 +7,9 @@ released code's value where the two differ ("script" = ``recipe/treepo/run_treep
 ``segrl/recipes/treepo_paper.yaml`` holds the paper's own setting for billion-parameter models.
 
 Fields that only make sense with other sections (``width`` defaulting to
-``train.num_generations``, ``max_depth * segment_length`` versus
-``sampling.max_completion_length``) are checked by :class:`segrl.samplers.treepo.TreePOSampler`,
-which raises the same :class:`~segrl.configs.ConfigError` naming the ``treepo.*`` field.
+``train.num_generations``, the evaluation width ``eval.num_samples``) are checked with the
+whole config (:func:`segrl.configs.checks.validate`), with the same
+:class:`~segrl.configs.ConfigError` naming the ``treepo.*`` field.
 """
 
 from __future__ import annotations
@@ -64,9 +64,40 @@ class TreePOConfig:
     advantage_aggregation: str = option("average", help="Combine a leaf's sub-group advantages R - mean(R over G_j): 'average' (paper Eq. 5, script, best in the ablation) or 'size' (weighted by |G_j|, Eq. 6; code default).", choices=("average", "size"))
     reject_zero_std_subgroups: bool = option(False, help="Drop sub-groups whose rewards have zero std (paper Eq. 7; code subtree_std_ds; hurts in the ablation).")
     include_root: bool = option(True, help="Include the root (whole prompt group) term; the paper found dropping it comparable.")
-    normalization: str = option("batch_whiten", help="After aggregation: 'batch_whiten' = subtract the token-weighted batch mean and divide by the token-weighted std over the whole training batch (the released code: REINFORCE++-baseline masked_whiten); 'group_std' = divide by the std of the prompt group's rewards (the paper's Eq. 5 as written, no mean subtraction); 'none'.", choices=("batch_whiten", "group_std", "none"))
-    advantage_level: str = option("trajectory", help="'trajectory': every token of a trajectory gets the leaf's tree advantage (paper/script); 'segment': each segment's tokens get V(node) - V(parent), V = mean reward of the node's leaves (code tree_segment_reinforce_plus_plus_baseline, with real segment lengths).", choices=("trajectory", "segment"))
-    dedup_subgroups: bool = option(False, help="Count a sub-group once when a chain of single-child nodes repeats the same leaf set (the paper/code count every depth level).")
+    normalization: str = option(
+        "batch_whiten",
+        help="After aggregation: 'batch_whiten' = subtract the token-weighted batch mean and divide by the token-weighted std over "
+        "the whole training batch (the released code: REINFORCE++-baseline masked_whiten); 'subgroup_std' = divide each leaf's "
+        "advantage by the unbiased std of its own kept sub-group advantages (+1e-4; the paper's Eq. 5 as written; a leaf with one "
+        "term is left as is; trajectory level only); 'group_std' = divide by the std of the prompt group's rewards (+1e-4; a "
+        "GRPO-style scale, not the paper's); 'none'.",
+        choices=("batch_whiten", "subgroup_std", "group_std", "none"),
+    )
+    advantage_level: str = option(
+        "trajectory",
+        help="With train.adv_estimator=auto: 'trajectory' = every token of a trajectory gets the leaf's tree advantage (the "
+        "treepo estimator; paper/script); 'segment' = each segment's tokens get their own credit (the treepo_segment "
+        "estimator, see segment_values).",
+        choices=("trajectory", "segment"),
+    )
+    segment_values: str = option(
+        "leaf_mean",
+        help="Segment-level credit: 'leaf_mean' = V(node) - V(parent), V = mean reward of the node's leaves; 'code' = the "
+        "released tree_segment_reinforce_plus_plus_baseline: leaf rewards first replaced by their size-weighted sub-group "
+        "advantage over every node of the path (root and the leaf's own singleton group included), V = recursive mean of "
+        "children, V(root) = 0 (docs/treepo.md has a worked example of both).",
+        choices=("leaf_mean", "code"),
+    )
+    segment_discount: float | None = option(
+        None,
+        help="segment_values=code: the discount eta of the parent value, A = V(node) - eta^k V(parent) with k = leaf depth + 1 - "
+        "node depth (code segtree_adv_eta; unset = no discount, as in the released script).",
+    )
+    dedup_subgroups: bool = option(
+        False,
+        help="Count each distinct leaf set once: a chain of single-child nodes (e.g. a root with one child) repeats the same "
+        "sub-group at every depth, which the paper/code count every time.",
+    )
     # ----- dynamic sampling ----------------------------------------------------------------
     dynamic_sampling: bool = option(True, help="DAPO dynamic sampling: drop prompts whose leaves all have the same raw correctness (info['correct'], not the shaped reward) and top the batch up with more prompts.")
     max_extra_rounds: int = option(2, help="Extra generation rounds dynamic sampling may run per step (paper: 'at most two additional samplings'; script: max_num_gen_batches = 10).")
@@ -117,6 +148,15 @@ class TreePOConfig:
         check(self.max_rounds >= 0, f + "max_rounds", "must be >= 0")
         if self.max_rows_in_flight is not None:
             check(self.max_rows_in_flight >= 1, f + "max_rows_in_flight", f"must be >= 1 (or unset), got {self.max_rows_in_flight}")
+            if self.width is not None:
+                check(
+                    self.max_rows_in_flight >= self.width,
+                    f + "max_rows_in_flight",
+                    f"must be >= the width ({self.width}) so that any prompt's round fits, got {self.max_rows_in_flight}",
+                )
+        if self.segment_discount is not None:
+            check(self.segment_values == "code", f + "segment_discount", "only applies to segment_values=code")
+            check(0 < self.segment_discount <= 1, f + "segment_discount", f"must be in (0, 1], got {self.segment_discount}")
         check(self.max_extra_rounds >= 0, f + "max_extra_rounds", "must be >= 0")
         check(self.oversample >= 1, f + "oversample", "must be >= 1")
         if self.eval_divergence is not None:

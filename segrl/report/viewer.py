@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..tree import RolloutTree
+from ..tree import NodeInfo, RolloutTree
 from .layout import Layout, tidy_layout
 from .page import page
 from .rundata import RolloutScan, Run, load_run, scan_rollouts, tree_token_counts
@@ -58,7 +58,7 @@ def mean_leaf_reward(tree: RolloutTree) -> dict[int, float]:
     for i in tree.subtree(0)[::-1]:
         n = tree[i]
         if n.is_leaf:
-            ok = i > 0 and not n.info.get("mc") and n.reward is not None and math.isfinite(n.reward)
+            ok = i > 0 and not n.info.get(NodeInfo.MC) and n.reward is not None and math.isfinite(n.reward)
             sums[i] = (float(n.reward), 1) if ok else (0.0, 0)
         else:
             s = [sums[c] for c in n.children if c in sums]
@@ -72,10 +72,10 @@ def chain_cuts(tree: RolloutTree) -> dict[int, tuple[int, float | None, float | 
     out = {}
     for leaf in tree.leaves(include_mc=False):
         info = tree[leaf].info
-        bounds = info.get("spo_bounds")
+        bounds = info.get(NodeInfo.SPO_BOUNDS)
         if not bounds:
             continue
-        vals = list(info.get("spo_values") or [None] * len(bounds))
+        vals = list(info.get(NodeInfo.SPO_VALUES) or [None] * len(bounds))
         after = vals[1:] + [tree[leaf].reward]
         for node, start, _ in tree.segment_spans(leaf):
             if start in bounds:
@@ -95,7 +95,7 @@ def node_facts(tree: RolloutTree, rho: float, detok: Detok) -> list[NodeFacts]:
         value, der = n.value, False
         if value is None and i in derived:
             value, der = derived[i], True
-        adv = n.info.get("advantage")
+        adv = n.info.get(NodeInfo.ADVANTAGE)
         out.append(
             NodeFacts(
                 text=detok.text(n.token_ids),
@@ -154,7 +154,7 @@ def _hover(i: int, n, f: NodeFacts, rho: float) -> str:
     if f.cut is not None:
         b, v0, v1 = f.cut
         lines.append(f"SPO-chain cut point at completion offset {b}: V(s_b) = {fmt_num(v0, 4)} → {fmt_num(v1, 4)}")
-    info = {k: v for k, v in n.info.items() if k not in ("advantage",)}
+    info = {k: v for k, v in n.info.items() if k != NodeInfo.ADVANTAGE}
     if info:
         lines.append("info: " + ", ".join(f"{k}={_short(v)}" for k, v in info.items()))
     text = f.text if len(f.text) <= 3000 else f.text[:3000] + " …"
@@ -194,7 +194,7 @@ def layout_for(tree: RolloutTree) -> Layout:
     """Pixel layout of ``tree`` as drawn by :func:`tree_svg`."""
     children = [n.children for n in tree.nodes]
     depth = [n.depth for n in tree.nodes]
-    return tidy_layout(children, depth, slot=lambda i: MC_SLOT if tree[i].info.get("mc") else SLOT, column=COL, node_width=BOX_W)
+    return tidy_layout(children, depth, slot=lambda i: MC_SLOT if tree[i].info.get(NodeInfo.MC) else SLOT, column=COL, node_width=BOX_W)
 
 
 def tree_svg(tree: RolloutTree, rho: float, detok: Detok, rlo: float = 0.0, rhi: float = 1.0, tree_id: str = "t") -> str:
@@ -217,13 +217,13 @@ def tree_svg(tree: RolloutTree, rho: float, detok: Detok, rlo: float = 0.0, rhi:
         x0, y0 = lay.x[p] + BOX_W, lay.y[p]
         x1, y1 = lay.x[i], lay.y[i]
         xm = x1 - 16
-        cls = "edge mc" if n.info.get("mc") else "edge"
+        cls = "edge mc" if n.info.get(NodeInfo.MC) else "edge"
         out.append(f'<path class="{cls}" d="M{x0:.1f},{y0:.1f} H{xm:.1f} V{y1:.1f} H{x1:.1f}"/>')
     out.append("</g>")
     for i, n in enumerate(tree.nodes):
         f = facts[i]
         leaf = n.is_leaf and i > 0
-        mc = bool(n.info.get("mc"))
+        mc = bool(n.info.get(NodeInfo.MC))
         cls = "node" + (" root" if i == 0 else "") + (" leaf" if leaf else "") + (" mc" if mc else "")
         attrs = (
             f'class="{cls}" data-node="{i}" data-depth="{n.depth}" data-reward="{"" if n.reward is None else f"{n.reward:.6g}"}" '

@@ -5,7 +5,7 @@ The prompt is prefilled once and its KV cache forked ``n`` ways by the engine.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..engine.hf_engine import Engine
 from ..tree import FinishReason, RolloutTree
@@ -22,3 +22,23 @@ def sample_groups(engine: Engine, trees: Sequence[RolloutTree], n: int, max_new_
             if t[leaf].finish_reason == FinishReason.SEGMENT:
                 t[leaf].finish_reason = FinishReason.LENGTH
     Engine.release(trees)
+
+
+class GroupSampler:
+    """``n`` independent completions per prompt (the GRPO group), as a sampler object.
+
+    Args:
+        num_generations: completions per prompt.
+        max_completion_length: token limit of a completion.
+    """
+
+    def __init__(self, num_generations: int, max_completion_length: int):
+        self.n, self.max_len = num_generations, max_completion_length
+
+    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+        """Grow the groups (no scoring); no sampler metrics."""
+        sample_groups(engine, trees, self.n, self.max_len)
+        return {}
+
+    def __call__(self, engine: Engine, trees: Sequence[RolloutTree]) -> None:
+        self.sample(engine, trees)

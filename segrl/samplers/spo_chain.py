@@ -12,33 +12,32 @@ For each prompt (one :class:`~segrl.tree.RolloutTree`):
    root for ``b = 0``) and the trajectory's KV moves to its last node;
 3. boundary states shared by several trajectories of a prompt (same token prefix, e.g. the
    prompt itself, or a common first line) are estimated once: ``K`` MC continuations hang
-   off one representative head node (``info["mc"] = True``). All continuations of the batch
+   off one representative head node (``NodeInfo.MC``). All continuations of the batch
    come from one more ``extend`` call, in which every head's state is a *crop* of the KV
    its trajectory already holds (``engine.stats.kv_crops``): no prefix is prefilled twice;
-4. the scorer grades trajectories and continuations together; ``V(s_b)`` = mean reward of
-   the ``K`` continuations.
+4. the algorithm then scores trajectories and continuations together; ``V(s_b)`` = mean
+   reward of the ``K`` continuations (:func:`segrl.algos.spo.spo_chain_estimate`).
 
-Per trajectory leaf, ``info["spo_bounds"]`` holds the boundary offsets (within the
-completion) and ``info["spo_nodes"]`` the representative boundary nodes whose MC children
-give the values. :func:`chain_values` reads them back (it also works on hand-built trees).
+Per trajectory leaf, ``NodeInfo.SPO_BOUNDS`` holds the boundary offsets (within the
+completion) and ``NodeInfo.SPO_NODES`` the representative boundary nodes whose MC children
+give the values.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 from ..engine.hf_engine import Engine
-from ..tree import FinishReason, RolloutTree
-from .partition import Partition, cap_boundaries
-
-Scorer = Callable[[Sequence[tuple[RolloutTree, int]]], dict]
+from ..tree import FinishReason, NodeInfo, RolloutTree
+from .partition import Partition, cap_boundaries, make_partition
 
 
 class SPOChainSampler:
     """Grows SPO-chain rollouts (see the module docstring).
 
     Args:
-        partition: the segment partition strategy.
+        partition: the segment partition strategy, or a :class:`PartitionFor` that makes it
+            from the engine's tokenizer at the first :meth:`sample`.
         num_generations: ``N`` trajectories per prompt.
         num_mc_samples: ``K`` continuations per distinct boundary state.
         max_completion_length: token limit of a trajectory (continuations included).
@@ -47,14 +46,14 @@ class SPOChainSampler:
 
     def __init__(
         self,
-        partition: Partition,
+        partition: Partition | PartitionFor,
         num_generations: int,
         num_mc_samples: int,
         max_completion_length: int,
         max_segments: int = 0,
         cap_rule: str = "even",
     ):
-        self.partition = partition
+        self.partition, self._partition_for = (None, partition) if isinstance(partition, PartitionFor) else (partition, None)
         self.n = num_generations
         self.k = num_mc_samples
         self.max_len = max_completion_length
@@ -82,7 +81,7 @@ class SPOChainSampler:
         for t in trees:
             reps: dict[tuple[int, ...], int] = {}
             for leaf in t.leaves(include_mc=False):
-                if "spo_bounds" in t[leaf].info:
+                if NodeInfo.SPO_BOUNDS in t[leaf].info:
                     continue  # already split
                 toks = t.path_token_ids(leaf, include_prompt=False)
                 lps = t.path_logprobs(leaf)
@@ -99,9 +98,9 @@ class SPOChainSampler:
                         reps[key] = head
                         requests.append((t, head))
                     elif head != reps[key]:
-                        t[head].info["mc_from"] = reps[key]
+                        t[head].info[NodeInfo.MC_FROM] = reps[key]
                     nodes.append(reps[key])
-                t[node].info.update(spo_bounds=list(bounds), spo_nodes=nodes, spo_candidates=n_cand)
+                t[node].info.update({NodeInfo.SPO_BOUNDS: list(bounds), NodeInfo.SPO_NODES: nodes, NodeInfo.SPO_CANDIDATES: n_cand})
         return requests
 
     def continue_mc(self, engine: Engine, requests: Sequence[tuple[RolloutTree, int]]) -> list[tuple[RolloutTree, int]]:
@@ -110,7 +109,7 @@ class SPOChainSampler:
         if not requests:
             return []
         limits = [self.max_len - t.completion_len(h) for t, h in requests]
-        kids = engine.extend(list(requests), limits, self.k, mc=True)
+        kids = engine.extend(list(requests), limits, self.k, **{NodeInfo.MC: True})
         out = []
         for group in kids:
             for t, c in group:
@@ -119,8 +118,11 @@ class SPOChainSampler:
                 out.append((t, c))
         return out
 
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], scorer: Scorer) -> dict[str, float]:
-        """All phases, scoring, values; returns SPO-chain metrics."""
+    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+        """All three phases (no scoring: the algorithm scores every leaf, MC continuations
+        included, and computes the values); returns SPO-chain metrics."""
+        if self.partition is None:
+            self.partition = self._partition_for(engine.tokenizer)
         decoded0 = engine.stats.decode_tokens
         self.sample_trajectories(engine, trees)
         traj_tokens = engine.stats.decode_tokens - decoded0
@@ -128,58 +130,49 @@ class SPOChainSampler:
         mc_leaves = self.continue_mc(engine, requests)
         Engine.release(trees)
         trajs = [(t, leaf) for t in trees for leaf in t.leaves(include_mc=False)]
-        metrics = dict(scorer(trajs + mc_leaves))
-        chain_values(trees)
-        counts = [len(t[l].info["spo_bounds"]) for t, l in trajs]
-        seg_lens = [e - s for t, l in trajs for s, e in _segments(t[l].info["spo_bounds"], t.completion_len(l))]
+        counts = [len(t[l].info[NodeInfo.SPO_BOUNDS]) for t, l in trajs]
+        seg_lens = [e - s for t, l in trajs for s, e in _segments(t[l].info[NodeInfo.SPO_BOUNDS], t.completion_len(l))]
         n_bounds = sum(counts)
         mc_tokens = sum(len(t[c].token_ids) for t, c in mc_leaves)
-        metrics.update(
-            {
-                "segments/mean_count": n_bounds / max(len(trajs), 1),
-                "segments/mean_length": sum(seg_lens) / max(len(seg_lens), 1),
-                "segments/candidates": sum(t[l].info["spo_candidates"] for t, l in trajs) / max(len(trajs), 1),
-                "segments/no_boundary_fraction": sum(c == 0 for c in counts) / max(len(trajs), 1),
-                "mc/states": float(len(requests)),
-                "mc/shared_states": float(n_bounds - len(requests)),
-                "mc/rollouts": float(len(mc_leaves)),
-                "mc/tokens": float(mc_tokens),
-                "mc/tokens_per_trajectory": mc_tokens / max(len(trajs), 1),
-                "mc/trajectory_tokens": float(traj_tokens),
-            }
-        )
-        return metrics
+        return {
+            "segments/mean_count": n_bounds / max(len(trajs), 1),
+            "segments/mean_length": sum(seg_lens) / max(len(seg_lens), 1),
+            "segments/candidates": sum(t[l].info[NodeInfo.SPO_CANDIDATES] for t, l in trajs) / max(len(trajs), 1),
+            "segments/no_boundary_fraction": sum(c == 0 for c in counts) / max(len(trajs), 1),
+            "mc/states": float(len(requests)),
+            "mc/shared_states": float(n_bounds - len(requests)),
+            "mc/rollouts": float(len(mc_leaves)),
+            "mc/tokens": float(mc_tokens),
+            "mc/tokens_per_trajectory": mc_tokens / max(len(trajs), 1),
+            "mc/trajectory_tokens": float(traj_tokens),
+        }
 
 
 def _segments(bounds: Sequence[int], length: int) -> list[tuple[int, int]]:
     return list(zip(bounds, list(bounds[1:]) + [length]))
 
 
-def mc_value(tree: RolloutTree, node: int) -> float:
-    """Mean reward of the MC continuations hanging off ``node``."""
-    rs = [tree[c].reward for c in tree[node].children if tree[c].info.get("mc")]
-    if not rs or any(r is None for r in rs):
-        raise ValueError(f"boundary node {node} has no scored MC continuations")
-    return float(sum(rs)) / len(rs)
+class PartitionFor:
+    """``partition_for(tokenizer)``: the configured partition, made once the tokenizer is
+    known (the newline partition decodes tokens)."""
+
+    def __init__(self, spo_cfg, rho: float):
+        self.spo_cfg, self.rho = spo_cfg, rho
+
+    def __call__(self, tokenizer) -> Partition:
+        return make_partition(self.spo_cfg, self.rho, tokenizer)
 
 
-def chain_values(trees: Sequence[RolloutTree]) -> None:
-    """Set ``node.value`` on every boundary node (representatives and the trajectories'
-    own copies) from its MC continuations, and ``info["spo_values"]`` on each trajectory."""
-    for t in trees:
-        cache: dict[int, float] = {}
-        for leaf in t.leaves(include_mc=False):
-            info = t[leaf].info
-            if "spo_bounds" not in info:
-                continue
-            vals = []
-            for rep in info["spo_nodes"]:
-                if rep not in cache:
-                    cache[rep] = mc_value(t, rep)
-                    t[rep].value = cache[rep]
-                vals.append(cache[rep])
-            info["spo_values"] = vals
-            t[leaf].value = t[leaf].reward
-        for i, n in enumerate(t.nodes):  # duplicates of a shared boundary state
-            if "mc_from" in n.info:
-                n.value = cache.get(n.info["mc_from"])
+def chain_sampler(cfg) -> SPOChainSampler:
+    """The SPO-chain sampler of a :class:`~segrl.configs.SegrlConfig` (``spo.*``; cutpoints
+    at ``spo.cutpoint_rho``, default ``train.prob_mask_rho``)."""
+    s = cfg.spo
+    rho = s.cutpoint_rho if s.cutpoint_rho is not None else cfg.train.prob_mask_rho
+    return SPOChainSampler(
+        PartitionFor(s, rho),
+        cfg.train.num_generations,
+        s.num_mc_samples,
+        cfg.sampling.max_completion_length,
+        s.max_segments,
+        s.cap_rule,
+    )

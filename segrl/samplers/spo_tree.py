@@ -13,17 +13,17 @@ Finish reasons: a child that ends by itself (EOS/stop) is a leaf; one that reach
 ``max_completion_length`` is a truncated leaf (``length``); one that fills its M tokens at
 the last depth (bounded last depth) is a truncated leaf (``depth``), graded on its whole
 completion; any other child that filled its M tokens is expanded at the next depth.
+
+The sampler only samples: the algorithm scores the leaves and computes the values
+(:func:`segrl.algos.spo.spo_tree_estimate`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
-from ..algos.spo import spo_tree_advantage
 from ..engine.hf_engine import Engine
 from ..tree import FinishReason, RolloutTree
-
-Scorer = Callable[[Sequence[tuple[RolloutTree, int]]], dict]
 
 
 def tree_size(branch_factors: Sequence[int]) -> tuple[int, int]:
@@ -84,36 +84,21 @@ class SPOTreeSampler:
         Engine.release(trees)
         return leaves
 
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], scorer: Scorer) -> dict[str, float]:
+    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+        """Grow the trees (no scoring: the algorithm scores the leaves and computes the
+        values); returns ``tree/*`` and ``segments/*`` metrics."""
         decoded0 = engine.stats.decode_tokens
         leaves = self.grow(engine, trees)
-        metrics = dict(scorer(leaves))
-        tree_values_and_advantages(trees)
         segs = [n for t in trees for n in t.nodes[1:]]
         indep = sum(t.independent_equivalent_tokens() for t in trees)
         decoded = engine.stats.decode_tokens - decoded0
-        metrics.update(
-            {
-                "tree/leaves": len(leaves) / max(len(trees), 1),
-                "tree/segments": len(segs) / max(len(trees), 1),
-                "tree/decoded_tokens": float(decoded),
-                "tree/independent_equivalent_tokens": float(indep),
-                "tree/sharing_savings": 1.0 - decoded / max(indep, 1),
-                "tree/depth_leaf_fraction_early": sum(t[l].depth < len(self.branch) for t, l in leaves) / max(len(leaves), 1),
-                "segments/mean_count": len(segs) / max(len(trees), 1),
-                "segments/mean_length": sum(len(n.token_ids) for n in segs) / max(len(segs), 1),
-            }
-        )
-        return metrics
-
-
-def tree_values_and_advantages(trees: Sequence[RolloutTree], normalize_by_sibling_std: bool = False) -> None:
-    """Set ``node.value`` (recursive mean) and ``info["advantage"]`` (edge advantage) on every
-    node of each scored tree (:func:`segrl.algos.spo.spo_tree_advantage`)."""
-    for t in trees:
-        parent = [n.parent for n in t.nodes]
-        rewards = [float("nan") if n.reward is None else float(n.reward) for n in t.nodes]
-        values, adv = spo_tree_advantage(parent, rewards, normalize_by_sibling_std)
-        for n, v, a in zip(t.nodes, values.tolist(), adv.tolist()):
-            n.value = v
-            n.info["advantage"] = a
+        return {
+            "tree/leaves": len(leaves) / max(len(trees), 1),
+            "tree/segments": len(segs) / max(len(trees), 1),
+            "tree/decoded_tokens": float(decoded),
+            "tree/independent_equivalent_tokens": float(indep),
+            "tree/sharing_savings": 1.0 - decoded / max(indep, 1),
+            "tree/depth_leaf_fraction_early": sum(t[l].depth < len(self.branch) for t, l in leaves) / max(len(leaves), 1),
+            "segments/mean_count": len(segs) / max(len(trees), 1),
+            "segments/mean_length": sum(len(n.token_ids) for n in segs) / max(len(segs), 1),
+        }

@@ -28,87 +28,25 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-from ..configs.loader import ConfigError
 from ..engine.cascade_engine import CascadeEngine, unsupported_reason
 from ..engine.hf_engine import Engine, _gc_paused
-from ..tree import FinishReason, RolloutTree
-
-#: fallback "finished_first" priority (code: finished 7 > unclosed 6 > EOS 5 > steps 4 > tokens 3 > repetition 2)
-FINISH_PRIORITY = {
-    FinishReason.ANSWER: 7,
-    FinishReason.EOS: 5,
-    FinishReason.STOP: 5,
-    FinishReason.DEPTH: 4,
-    FinishReason.LENGTH: 3,
-    FinishReason.REPETITION: 2,
-}
-ALL_REASONS = (FinishReason.ANSWER, FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH, FinishReason.DEPTH, FinishReason.REPETITION)
-
-
-# ----- pure helpers ------------------------------------------------------------------------
-def branch_budget(width: int, finished: int, finished_this_round: int, active: int, divergence: int) -> int:
-    """Children a prompt grows next round (the code's "budget" with branching budget transfer).
-
-    ``min(width - finished, divergence * (finished_this_round + active))``, but never fewer
-    than ``active`` (every active path continues). Paths that finished this round donate their
-    ``divergence`` branches to the prompt's still-active paths.
-    """
-    b = min(width - finished, divergence * finished_this_round + divergence * active)
-    return max(b, active)
-
-
-def allocate_branches(budget: int, weights: Sequence[float], generator: torch.Generator | None = None) -> list[int]:
-    """Split ``budget`` children over paths with ``weights``: >= 1 each, the rest by the
-    largest-remainder method (code: ``weight_to_discrete_allocate``).
-
-    Ties in the remainders are broken at random with ``generator`` (by position without one).
-    """
-    n = len(weights)
-    if n == 0:
-        return []
-    if budget < n:
-        raise ValueError(f"budget {budget} < {n} paths (every path needs a child)")
-    total = float(sum(weights))
-    w = [1.0 / n] * n if total <= 0 or not math.isfinite(total) else [x / total for x in weights]
-    rest = budget - n
-    shares = [x * rest for x in w]
-    base = [int(math.floor(s + 1e-9)) for s in shares]
-    rem = rest - sum(base)
-    tie = torch.rand(n, generator=generator).tolist() if generator is not None else [0.0] * n
-    order = sorted(range(n), key=lambda i: (-(shares[i] - base[i]), tie[i], i))
-    for i in order[:rem]:
-        base[i] += 1
-    return [1 + b for b in base]
-
-
-def has_repetition(text: str, substring: int = 32, count: int = 8) -> bool:
-    """TreePO's "mumbling" detector: some ``substring``-character string occurs at least
-    ``count`` times (non-overlapping) in ``text``."""
-    if len(text) < substring * count:
-        return False
-    grams = Counter(text[i : i + substring] for i in range(len(text) - substring + 1))
-    return any(text.count(g) >= count for g, c in grams.items() if c >= count)
-
-
-_MAX_TOKEN_CHARS: dict[int, int] = {}
-
-
-def _text_decoder(tok) -> Callable[[list[int]], str]:
-    """``tok.decode(ids, skip_special_tokens=True)``; for a ``tokenizers``-backed tokenizer
-    that does no clean-up, the backend's own decode, which gives the same text without
-    transformers' per-call argument conversion (a third of the time; the sampler decodes
-    every finished path for the answer check)."""
-    backend = getattr(tok, "_tokenizer", None)
-    plain = type(tok).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast") and not getattr(tok, "clean_up_tokenization_spaces", True)
-    if backend is not None and plain and hasattr(backend, "decode"):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
-    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+from ..tree import FinishReason, NodeInfo, RolloutTree
+from .treepo_rules import (  # noqa: F401  (re-exported: the sampler's public helpers)
+    _MAX_TOKEN_CHARS,
+    ALL_REASONS,
+    FINISH_PRIORITY,
+    _randint,
+    _text_decoder,
+    allocate_branches,
+    branch_budget,
+    has_repetition,
+    tree_metrics,
+)
 
 
 @dataclass
@@ -134,12 +72,11 @@ class TreePOSampler:
     """Grows TreePO segment trees (see module docstring).
 
     Args:
-        cfg: the whole :class:`~segrl.configs.SegrlConfig` (``treepo``, ``sampling``, ``train``).
+        cfg: the whole :class:`~segrl.configs.SegrlConfig` (``treepo``, ``sampling``, ``train``),
+            validated by the config (:func:`segrl.configs.checks.validate`).
         width: leaves per prompt (default ``treepo.width`` or ``train.num_generations``).
         divergence: override ``treepo.divergence`` (tree-sampled evaluation).
         budget_mode: override ``treepo.budget_mode``.
-    Raises:
-        ConfigError naming the ``treepo.*`` field for settings that conflict across sections.
     """
 
     def __init__(self, cfg, width: int | None = None, divergence: int | None = None, budget_mode: str | None = None):
@@ -153,53 +90,42 @@ class TreePOSampler:
         self.budget_mode = budget_mode or tp.budget_mode
         self.initial_width = tp.initial_width
         self.initial_width_max = tp.initial_width_max
-        where = "treepo.width" if (width is None and tp.width is not None) else ("treepo.width (= train.num_generations)" if width is None else "width")
-        if self.width < 1:
-            raise ConfigError(f"{where}: must be >= 1, got {self.width}")
-        if self.width < self.initial_width:
-            raise ConfigError(f"{where}: width ({self.width}) must be >= treepo.initial_width ({self.initial_width})")
-        if self.initial_width_max is not None and self.initial_width_max > self.width:
-            raise ConfigError(f"treepo.initial_width_max: must be <= width ({self.width}), got {self.initial_width_max}")
-        if self.budget_mode == "tokens" and tp.min_width > self.width:
-            raise ConfigError(f"treepo.min_width: must be <= width ({self.width}), got {tp.min_width}")
-        if tp.segment_length <= 0:
-            raise ConfigError(f"treepo.segment_length: must be > 0, got {tp.segment_length}")
-        if tp.max_rows_in_flight is not None and tp.max_rows_in_flight < self.width:
-            raise ConfigError(f"treepo.max_rows_in_flight: must be >= the width ({self.width}) so that any prompt's round fits, got {tp.max_rows_in_flight}")
-        if tp.fallback_window is not None and tp.fallback_window <= 0:
-            raise ConfigError(f"treepo.fallback_window: must be > 0, got {tp.fallback_window}")
         self.order = list(tp.early_stop_order)
         self.answer_re = re.compile(tp.answer_pattern)
         #: per round: list of (in_flight, finished) per prompt, after the round's decisions
         self.trace: list[list[tuple[int, int]]] = []
         self.last_metrics: dict[str, float] = {}
 
-    # ----- public API ----------------------------------------------------------------------
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], scorer=None, progress: float | None = None) -> dict:
-        """Grow ``trees``, score every leaf with ``scorer`` (if given), return metrics."""
-        if progress is None:
-            progress = _training_progress(scorer)
-        metrics = self.grow(engine, trees, progress)
-        if scorer is not None:
-            refs = [(t, leaf) for t in trees for leaf in t.leaves(include_mc=False)]
-            metrics = {**scorer(refs), **metrics}
-        return metrics
-
-    def eval_sampler(self, k: int) -> Callable[[Engine, Sequence[RolloutTree]], None]:
-        """A ``sampler(engine, trees)`` for evaluation that leaves exactly ``k`` leaves per tree
-        (width ``k``, budget mode ``leaves``, divergence ``treepo.eval_divergence``)."""
+    @classmethod
+    def for_eval(cls, cfg, k: int) -> TreePOSampler:
+        """The evaluation sampler: exactly ``k`` leaves per tree (width ``k``, budget mode
+        ``leaves``, divergence ``treepo.eval_divergence``, initial widths capped at ``k``)."""
         import copy
 
-        cfg = copy.deepcopy(self.cfg)
+        cfg = copy.deepcopy(cfg)
         cfg.treepo.initial_width = min(cfg.treepo.initial_width, k)
         if cfg.treepo.initial_width_max is not None:
             cfg.treepo.initial_width_max = min(cfg.treepo.initial_width_max, k)
-        sub = TreePOSampler(cfg, width=k, divergence=cfg.treepo.eval_divergence, budget_mode="leaves")
+        return cls(cfg, width=k, divergence=cfg.treepo.eval_divergence, budget_mode="leaves")
+
+    # ----- public API ----------------------------------------------------------------------
+    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+        """Grow ``trees`` (no scoring); ``progress`` is the fraction of training done (the
+        divergence-temperature schedule), None outside training. Returns ``tree/*`` metrics."""
+        return self.grow(engine, trees, progress)
+
+    def __call__(self, engine: Engine, trees: Sequence[RolloutTree]) -> None:
+        self.grow(engine, trees)
+
+    def eval_sampler(self, k: int) -> Callable[[Engine, Sequence[RolloutTree]], None]:
+        """A ``sampler(engine, trees)`` for evaluation that leaves exactly ``k`` leaves per tree
+        (:meth:`for_eval`); its ``.treepo`` is that sampler (``.treepo.last_metrics``)."""
+        sub = TreePOSampler.for_eval(self.cfg, k)
 
         def sampler(engine: Engine, trees: Sequence[RolloutTree]) -> None:
             sub.grow(engine, trees)
 
-        sampler.treepo = sub  # type: ignore[attr-defined]  (metrics of the last call: sampler.treepo.last_metrics)
+        sampler.treepo = sub  # type: ignore[attr-defined]
         return sampler
 
     @_gc_paused()  # between rounds too: the trees' nodes and token lists form no cycles
@@ -238,7 +164,7 @@ class TreePOSampler:
         finally:
             Engine.release(trees)
         for s in states:
-            s.tree[0].info["treepo"] = {
+            s.tree[0].info[NodeInfo.TREEPO] = {
                 "width": s.width,
                 "initial_width": s.initial_width,
                 "fallback_points": s.fallback_points,
@@ -308,7 +234,7 @@ class TreePOSampler:
         for (s, from_fallback, to_end), children in zip(meta, out):
             for tree, c in children:
                 if from_fallback:
-                    tree[c].info["fallback"] = True
+                    tree[c].info[NodeInfo.FALLBACK] = True
                 if to_end:
                     c = self._cut_into_segments(tree, c)
                 reason = self._classify(tree, c)
@@ -387,10 +313,10 @@ class TreePOSampler:
         first = len(tree)
         last = tree.split_every(c, L)
         for i in range(first, last + 1):
-            tree[i].info.pop("fallback", None)  # only the first segment is regrown from a cut
+            tree[i].info.pop(NodeInfo.FALLBACK, None)  # only the first segment is regrown from a cut
         if stop_at is not None:
             tree[last].finish_reason = reason
-            tree[last].info["stopped_mid"] = True
+            tree[last].info[NodeInfo.STOPPED_MID] = True
         return last
 
     def _abort(self, states: list[_Prompt]) -> None:
@@ -412,7 +338,7 @@ class TreePOSampler:
         """The finish reason of new segment ``c`` (first rule of early_stop_order that fires),
         or None if the path stays active."""
         node = tree[c]
-        if node.info.pop("stopped_mid", False):  # decided by _cut_into_segments
+        if node.info.pop(NodeInfo.STOPPED_MID, False):  # decided by _cut_into_segments
             return node.finish_reason
         ended = node.finish_reason in (FinishReason.EOS, FinishReason.STOP)
         for rule in self.order:
@@ -563,45 +489,3 @@ class TreePOSampler:
                     points[t] = points.pop(node)
                 return node
         raise AssertionError(f"cut {keep} not inside a completion of {L} tokens")
-
-
-# ----- metrics -------------------------------------------------------------------------------
-def tree_metrics(trees: Sequence[RolloutTree]) -> dict[str, float]:
-    """``tree/*`` metrics of sampled trees: shape, finish reasons, token savings.
-
-    ``tree/decoded_tokens`` counts each shared prefix once; ``tree/independent_equivalent_tokens``
-    is what sampling the same leaves independently would decode; their ratio is
-    ``tree/decoded_ratio`` (1 - ratio = the token saving).
-    """
-    leaves = [(t, l) for t in trees for l in t.leaves(include_mc=False)]
-    n_prompts = max(len(trees), 1)
-    decoded = sum(t.num_generated_tokens() for t in trees)
-    indep = sum(t.independent_equivalent_tokens() for t in trees)
-    fb = [t[0].info.get("treepo", {}).get("fallback_points", 0) for t in trees]
-    m = {
-        "tree/depth_mean": sum(t[l].depth for t, l in leaves) / max(len(leaves), 1),
-        "tree/depth_max": float(max((t[l].depth for t, l in leaves), default=0)),
-        "tree/leaves": len(leaves) / n_prompts,
-        "tree/fallbacks_per_prompt": sum(fb) / n_prompts,
-        "tree/prompt_fallback_ratio": sum(1 for x in fb if x) / n_prompts,
-        "tree/decoded_tokens": float(decoded),
-        "tree/independent_equivalent_tokens": float(indep),
-        "tree/decoded_ratio": decoded / indep if indep else 1.0,
-    }
-    for r in ALL_REASONS:
-        m[f"tree/finish_reason/{r}"] = sum(1 for t, l in leaves if t[l].finish_reason == r) / max(len(leaves), 1)
-    return m
-
-
-def _randint(lo: int, hi: int, g: torch.Generator) -> int:
-    """Uniform integer in ``[lo, hi]`` from the engine's generator (checkpointed with it)."""
-    return int(torch.randint(lo, hi + 1, (1,), generator=g))
-
-
-def _training_progress(scorer) -> float | None:
-    """Fraction of training done, for the divergence-temperature schedule (None outside training)."""
-    tr = getattr(scorer, "trainer", None)
-    try:
-        return tr.step / max(tr.cfg.train.max_steps, 1)
-    except AttributeError:
-        return None

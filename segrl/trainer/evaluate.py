@@ -15,6 +15,7 @@ from typing import Sequence
 from ..engine.hf_engine import Engine, SamplingParams
 from ..models.loading import encode_prompt
 from ..samplers.group import sample_groups
+from ..samplers.registry import make_sampler
 from ..tasks.base import Task
 
 
@@ -119,11 +120,7 @@ def evaluate_config(model, tokenizer, task: Task, cfg) -> EvalResult:
     (problems, samples, temperature, rollout), the sampling limits, and the seed
     ``train.seed + EVAL_SEED_OFFSET``."""
     e = cfg.eval
-    sampler = None
-    if e.rollout == "treepo":
-        from ..samplers.treepo import TreePOSampler
-
-        sampler = TreePOSampler(cfg).eval_sampler(e.num_samples)
+    sampler = make_sampler(e.rollout, cfg, width=e.num_samples)  # exactly num_samples leaves per problem
     return evaluate(
         model,
         tokenizer,

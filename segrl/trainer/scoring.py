@@ -2,16 +2,16 @@
 
 The task's correctness grader is the first reward function; user functions (TRL signature)
 follow, combined with ``data.reward_weights``. The raw correctness of every leaf is kept in
-``node.info["correct"]`` (evaluation and dynamic sampling use it, not the shaped reward).
+``node.info[NodeInfo.CORRECT]`` (evaluation and dynamic sampling use it, not the shaped reward).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..rewards.combine import RewardComputer, load_reward_func
 from ..tasks.base import Task
-from ..tree import RolloutTree
+from ..tree import NodeInfo, RolloutTree
 
 
 class Scorer:
@@ -40,11 +40,6 @@ class Scorer:
             max_error_fraction=data_cfg.max_reward_error_fraction,
         )
         self.tokenizer = tokenizer
-        self.trainer = None
-
-    def bind(self, trainer) -> "Scorer":
-        self.trainer = trainer
-        return self
 
     def completions(self, refs: Sequence[tuple[RolloutTree, int]]) -> list[str]:
         return [
@@ -53,7 +48,7 @@ class Scorer:
         ]
 
     def __call__(self, refs: Sequence[tuple[RolloutTree, int]]) -> dict[str, float]:
-        """Set ``reward`` (weighted sum) and ``info['correct']`` on every ``(tree, leaf)``."""
+        """Set ``reward`` (weighted sum) and ``info[NodeInfo.CORRECT]`` on every ``(tree, leaf)``."""
         if not refs:
             return {}
         comps = self.completions(refs)
@@ -64,7 +59,7 @@ class Scorer:
         correct = result.per_func[self.computer.names[0]]
         for (t, leaf), r, c in zip(refs, result.rewards, correct):
             t[leaf].reward = float(r)
-            t[leaf].info["correct"] = 0.0 if c is None else float(c)
+            t[leaf].info[NodeInfo.CORRECT] = 0.0 if c is None else float(c)
         # reward / reward_std are computed by the trainer over trajectories only (MC
         # continuations are scored here too but are not trajectories).
         return {k: v for k, v in result.metrics.items() if k not in ("reward", "reward_std")}

@@ -17,7 +17,6 @@ no critic):
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 
@@ -26,20 +25,16 @@ import torch
 
 from .. import distributed as segrl_dist
 from ..algos.advantages import MeanStd, masked_whiten
-from ..algos.samples import TrainSample, prob_mask, trajectory_sample
-from ..algos.spo import chain_token_advantages
-from ..samplers.partition import make_partition
-from ..samplers.spo_chain import SPOChainSampler, chain_values
-from ..samplers.spo_tree import SPOTreeSampler, tree_values_and_advantages
-from ..tree import FinishReason, RolloutTree
-from .algorithms import Algorithm, register_algorithm
+from ..algos.samples import SampleInfo, TrainSample, prob_mask, trajectory_sample
+from ..tree import FinishReason, NodeInfo, RolloutTree
+from .algorithms import Advantages, Algorithm, register_algorithm
 
 
 def whiten_samples(samples: list[TrainSample], scope: str, stats: MeanStd | None = segrl_dist.global_mean_std) -> None:
     """Whiten the advantages of ``samples`` in place over their masked tokens.
 
     ``scope``: ``batch`` (one mean/std for every masked token of the batch), ``group``
-    (one per prompt: samples with the same ``info["qid"]``), ``none``. Unmasked tokens keep
+    (one per prompt: samples with the same ``info[SampleInfo.QID]``), ``none``. Unmasked tokens keep
     their raw value (they carry no loss). ``batch`` statistics come from ``stats``: by default
     over every rank under torchrun (a prompt's whole group is on one rank, so ``group`` needs
     no communication).
@@ -51,7 +46,7 @@ def whiten_samples(samples: list[TrainSample], scope: str, stats: MeanStd | None
     elif scope == "group":
         by: dict = defaultdict(list)
         for s in samples:
-            by[s.info.get("qid", s.group)].append(s)
+            by[s.info.get(SampleInfo.QID, s.group)].append(s)
         buckets = list(by.values())
     else:
         raise ValueError(f"whiten scope must be batch, group or none, got {scope!r}")
@@ -112,7 +107,7 @@ class ReplayBuffer:
         self.items = [(k, s) for k, s in self.items if step - k < self.max_age]
         by: dict = defaultdict(list)
         for i, (_, s) in enumerate(self.items):
-            by[s.info.get("qid", s.group)].append(i)
+            by[s.info.get(SampleInfo.QID, s.group)].append(i)
         take: set[int] = set()
         for idx in by.values():
             take.update(self.rng.sample(idx, min(self.per_prompt, len(idx))))
@@ -124,10 +119,8 @@ class ReplayBuffer:
 class _SPOBase(Algorithm):
     default_prob_mask = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.train.rollout not in ("auto",):
-            raise ValueError(f"train.rollout={cfg.train.rollout!r}: {self.name} has its own sampler (leave rollout=auto)")
+    def __init__(self, cfg, prompts=None):
+        super().__init__(cfg, prompts)
         self.spo = cfg.spo
         self.buffer = ReplayBuffer(cfg.spo.replay_per_prompt, cfg.spo.replay_max_age, cfg.train.seed) if cfg.spo.replay_buffer else None
         self._step = 0
@@ -166,66 +159,52 @@ def _qid(tree: RolloutTree) -> int:
 class SPOChain(_SPOBase):
     """SPO-chain: cutpoint segments, chain MC values (K per boundary), prob-mask PPO."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.cut_rho = cfg.spo.cutpoint_rho if cfg.spo.cutpoint_rho is not None else cfg.train.prob_mask_rho
-        self.tokenizer = None
-
-    def sampler(self, tokenizer=None) -> SPOChainSampler:
-        s = self.spo
-        return SPOChainSampler(
-            make_partition(s, self.cut_rho, tokenizer),
-            self.cfg.train.num_generations,
-            s.num_mc_samples,
-            self.cfg.sampling.max_completion_length,
-            s.max_segments,
-            s.cap_rule,
-        )
-
-    def rollout(self, engine, trees, scorer):
-        return self.sampler(engine.tokenizer).sample(engine, trees, scorer)
+    default_sampler = default_estimator = "spo_chain"
+    samplers = ("spo_chain",)
 
     def samples(self, trees):
-        chain_values(trees)
+        adv = self.estimate(trees)
         out, seg_adv = [], []
         mt = self.cfg.train.mask_truncated_completions
-        for t in trees:
-            for leaf in t.leaves(include_mc=False):
-                info = t[leaf].info
-                bounds, vals = info["spo_bounds"], info["spo_values"]
-                n = t.completion_len(leaf)
-                adv = chain_token_advantages(bounds, vals, float(t[leaf].reward), n).tolist()
-                seg = chain_segment_list(vals, float(t[leaf].reward))
-                seg_adv.extend(seg)
-                for node, start, _ in t.segment_spans(leaf):  # saved with the tree: raw A_j on the segment it credits
-                    if start in bounds:
-                        t[node].info["advantage"] = seg[bounds.index(start)]
-                s = trajectory_sample(t, leaf, adv, mt, self.rho)
-                if self.rho is not None:  # the segment advantage goes to its low-probability tokens only
-                    s.advantages = [a if m else 0.0 for a, m in zip(s.advantages, prob_mask(s.old_logprobs, self.rho))]
-                s.info["qid"] = _qid(t)
-                out.append(s)
+        for i, (t, leaf) in enumerate(adv.refs):
+            info = t[leaf].info
+            bounds = info.get(NodeInfo.SPO_BOUNDS)
+            if bounds is not None and self.estimator == "spo_chain":  # the boundary values, for the viewer
+                info[NodeInfo.SPO_VALUES] = [t[n].value for n in info[NodeInfo.SPO_NODES]]
+            seg_adv.extend(_credited(t, leaf, adv, i, bounds))
+            s = trajectory_sample(t, leaf, adv.trajectory(i), mt, self.rho)
+            if self.rho is not None:  # the segment advantage goes to its low-probability tokens only
+                s.advantages = [a if m else 0.0 for a, m in zip(s.advantages, prob_mask(s.old_logprobs, self.rho))]
+            s.info[SampleInfo.QID] = _qid(t)
+            out.append(s)
         return self._finish(out, seg_adv)
 
 
-def chain_segment_list(values: list[float], reward: float) -> list[float]:
-    nxt = list(values[1:]) + [reward]
-    return [b - a for a, b in zip(values, nxt)]
+def _credited(t: RolloutTree, leaf: int, adv: Advantages, i: int, bounds: list[int] | None) -> list[float]:
+    """The segment advantages a trajectory contributes to the metrics: SPO-chain's segments
+    (those that open at a boundary), else one value per trajectory or per segment."""
+    if adv.scalar is not None:
+        return [adv.scalar[i]]
+    segs = adv.segments(i)
+    if bounds is None:
+        return segs
+    return [v for (_, a, _), v in zip(t.segment_spans(leaf), segs) if a in bounds]
 
 
 @register_algorithm("spo_tree")
 class SPOTree(_SPOBase):
-    """SPO-tree: fixed-length segment trees, recursive-mean values, one sample per segment."""
+    """SPO-tree: fixed-length segment trees, recursive-mean values, one sample per segment.
 
-    def sampler(self) -> SPOTreeSampler:
-        s = self.spo
-        return SPOTreeSampler(s.branch_factors, s.segment_length, self.cfg.sampling.max_completion_length, s.last_segment_unbounded)
+    Each segment is trained once with its node's advantage; with an estimator whose value
+    depends on the trajectory (outcome or ``trajectory``-level) a node gets the mean over
+    the trajectories through it.
+    """
 
-    def rollout(self, engine, trees, scorer):
-        return self.sampler().sample(engine, trees, scorer)
+    default_sampler = default_estimator = "spo_tree"
+    samplers = ("spo_tree",)
 
     def samples(self, trees):
-        tree_values_and_advantages(trees, self.spo.normalize_by_sibling_std)
+        node_adv = _node_advantages(self.estimate(trees))
         out, seg_adv, dropped = [], [], 0
         mt = self.cfg.train.mask_truncated_completions
         for t in trees:
@@ -233,7 +212,7 @@ class SPOTree(_SPOBase):
             for i, node in enumerate(t.nodes):
                 if i == 0 or not node.token_ids:
                     continue
-                a = float(node.info["advantage"])
+                a = node_adv.get((id(t), i), 0.0)
                 if self.spo.drop_zero_advantage and a == 0.0:
                     dropped += 1
                     continue
@@ -242,18 +221,22 @@ class SPOTree(_SPOBase):
                 if mt and node.is_leaf and node.finish_reason in FinishReason.TRUNCATED:
                     mask = [0] * len(mask)
                 adv = [a if (m or self.rho is None) else 0.0 for m in mask]
-                out.append(
-                    TrainSample(
-                        t.path_token_ids(node.parent),
-                        list(node.token_ids),
-                        list(node.logprobs),
-                        adv,
-                        mask,
-                        group=t.group,
-                        info={"node": i, "qid": q},
-                    )
-                )
+                info = {SampleInfo.NODE: i, SampleInfo.QID: q}
+                ctx = t.path_token_ids(node.parent)
+                out.append(TrainSample(ctx, list(node.token_ids), list(node.logprobs), adv, mask, group=t.group, info=info))
         samples, metrics = self._finish(out, seg_adv)
         metrics["tree/dropped_zero_advantage"] = float(dropped)
         metrics["tree/trained_segments"] = float(len(samples))
         return samples, metrics
+
+
+def _node_advantages(adv: Advantages) -> dict[tuple[int, int], float]:
+    """``(id(tree), node) -> advantage`` of every segment: the estimator's per-node value, or,
+    for one that credits trajectories, the mean over the trajectories through the node."""
+    if adv.per_node is not None:
+        return {(k, i): a for k, row in adv.per_node.items() for i, a in enumerate(row)}
+    seen: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for i, (t, leaf) in enumerate(adv.refs):
+        for node, v in zip(t.path(leaf)[1:], adv.segments(i)):
+            seen[(id(t), node)].append(v)
+    return {k: sum(vs) / len(vs) for k, vs in seen.items()}

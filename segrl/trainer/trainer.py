@@ -43,6 +43,7 @@ from .algorithms import get_algorithm
 from .evaluate import EvalResult, evaluate_config
 from .faults import maybe_kill
 from .logging import MetricsLogger
+from .prompts import PromptStream
 from .scoring import Scorer
 
 
@@ -112,9 +113,6 @@ class Trainer:
             console = Console(quiet=True)
         self.logger = MetricsLogger(log_dir, cfg.log.report_to if main else [], console)
         self.console = self.logger.console
-        self.algorithm = get_algorithm(cfg.train.algo)(cfg)
-        self.algorithm.new_trees = self.new_trees  # dynamic sampling tops batches up with it
-        self._group_counter = 0
         stops = tuple(cfg.sampling.stop_strings) + tuple(task.stop_strings)
         engine_cls = Engine
         if cfg.sampling.backend == "vllm":  # same interface; weights synced after each update
@@ -131,6 +129,9 @@ class Trainer:
         self.scorer = Scorer(task, list(reward_funcs or []), cfg.data, self.tokenizer)
         self.prompt_ids = self._tokenize_prompts(task.train)
         self._check_test_prompts()
+        # the seeded, resumable prompt order; dynamic sampling pulls more prompts from it
+        self.prompts = PromptStream(self.prompt_ids, task.train, cfg.train.seed, self._skip, self.dist.rank, self.dist.world_size)
+        self.algorithm = get_algorithm(cfg.train.algo)(cfg, prompts=self.prompts)
         t = cfg.train
         # forward/backward run through self.policy (DDP / FSDP2 under torchrun); the engine
         # samples with the unwrapped self.model
@@ -146,9 +147,6 @@ class Trainer:
         if t.beta > 0:
             self.ref_model = self._make_reference()
         self.step = 0
-        self.epoch = 0
-        self.cursor = 0
-        self.order = self._permutation(0)
         self.num_tokens = 0
         self.generated_tokens = 0  # tokens the engine decoded in training (train.max_generated_tokens)
         self.elapsed_s = 0.0  # training wall-clock before this process (a resumed run continues it)
@@ -212,29 +210,9 @@ class Trainer:
                     pass
         return f"{split} row {i + 1}"
 
-    def _permutation(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1000003 + epoch)
-        return [i for i in torch.randperm(len(self.prompt_ids), generator=g).tolist() if i not in self._skip]
-
-    def _next_rows(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.cursor >= len(self.order):
-                self.epoch += 1
-                self.cursor = 0
-                self.order = self._permutation(self.epoch)
-            out.append(self.order[self.cursor])
-            self.cursor += 1
-        return out
-
     def new_trees(self, n: int) -> list[RolloutTree]:
-        """Fresh root trees for the next ``n`` prompts (also used by dynamic sampling).
-
-        Group ids are unique within a step (a counter reset at each step's start)."""
-        W = self.dist.world_size  # torchrun: n prompts per rank, disjoint slices of one order
-        idx = segrl_dist.shard(self._next_rows(n * W), self.dist)
-        g0, self._group_counter = self._group_counter, self._group_counter + n
-        return [RolloutTree(self.prompt_ids[i], group=(g0 + g) * W + self.dist.rank, row=self.task.train[i]) for g, i in enumerate(idx)]
+        """Fresh root trees for the next ``n`` prompts (:meth:`PromptStream.next_trees`)."""
+        return self.prompts.next_trees(n)
 
     # ----- model helpers ---------------------------------------------------------------
     def _make_reference(self):
@@ -380,8 +358,7 @@ class Trainer:
     def _state(self, extra: dict) -> dict:
         return {
             "step": self.step,
-            "epoch": self.epoch,
-            "cursor": self.cursor,
+            **self.prompts.state_dict(),  # epoch, cursor
             "num_tokens": self.num_tokens,
             "generated_tokens": self.generated_tokens,
             "elapsed_s": self._clock(),
@@ -469,12 +446,12 @@ class Trainer:
 
             self.logger.tb.close()
             self.logger.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=st["step"] + 1)
-        self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
+        self.step = st["step"]
+        self.prompts.load_state_dict(st)
         self.num_tokens, self.skipped_updates = st["num_tokens"], st["skipped_updates"]
         # (older checkpoints lack these: a token budget then counts from the resume)
         self.generated_tokens = st.get("generated_tokens", 0)
         self.elapsed_s, self.eval_s = st.get("elapsed_s", 0.0), st.get("eval_s", 0.0)
-        self.order = self._permutation(self.epoch)
         random.setstate(_rng_from_json(st["rng"]["python"]))
         np.random.set_state(_rng_from_json(st["rng"]["numpy"]))
         torch.set_rng_state(_rng_from_json(st["rng"]["torch"]))
@@ -636,16 +613,17 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         maybe_kill("step_start", self.step + 1)
-        self._group_counter = 0
-        trees = self.new_trees(self.cfg.train.prompts_per_step)
+        self.prompts.new_step()
+        trees = self.prompts.next_trees(self.cfg.train.prompts_per_step)
         self.engine.reset_stats()
+        progress = self.step / max(self.cfg.train.max_steps, 1)  # TreePO's divergence-temperature schedule
         with segrl_dist.gathered_for_rollout(self.policy):  # FSDP2: full weights for sampling
-            roll = self.algorithm.rollout(self.engine, trees, self.scorer.bind(self))
-        trees = roll.pop("_trees", trees)  # dynamic sampling may replace the batch
+            roll = self.algorithm.rollout(self.engine, trees, self.scorer, progress)
+        trees = roll.trees  # dynamic sampling may replace the batch
         stats = self.engine.stats
         t1 = time.perf_counter()
         samples, adv_metrics = self.algorithm.samples(trees)
-        metrics = {**self.rollout_metrics(trees, samples), **roll, **adv_metrics}
+        metrics = {**self.rollout_metrics(trees, samples), **roll.metrics, **adv_metrics}
         metrics["tree/decoded_tokens"] = float(stats.decode_tokens)
         # the budget counts every rank's tokens, so that all ranks stop at the same step
         self.generated_tokens += int(segrl_dist.all_reduce_sum(stats.decode_tokens))
@@ -657,7 +635,7 @@ class Trainer:
                 self.engine.sync_weights(self.model)
         t2 = time.perf_counter()
         self.step += 1
-        metrics.update({"timing/rollout": t1 - t0, "timing/train": t2 - t1, "step_time": t2 - t0, "epoch": float(self.epoch)})
+        metrics.update({"timing/rollout": t1 - t0, "timing/train": t2 - t1, "step_time": t2 - t0, "epoch": float(self.prompts.epoch)})
         metrics.update(self.progress_metrics())
         if self.cfg.log.save_rollouts:
             for tr in trees:

@@ -1,11 +1,12 @@
 """TreePO as a training algorithm (``segrl train --algo treepo``; arXiv 2508.17445).
 
-* rollout: :class:`~segrl.samplers.treepo.TreePOSampler` segment trees, then DAPO dynamic
-  sampling: prompts whose leaves all have the same *raw* correctness (``info['correct']``,
-  not the shaped reward) are dropped and the batch is topped up with more prompts, for at most
-  ``treepo.max_extra_rounds`` extra generation rounds;
-* advantages: :mod:`segrl.algos.treepo` (sub-group averaging over the tree, then batch
-  whitening or group-std scaling), broadcast to every token (or per segment);
+* rollout: :class:`~segrl.samplers.treepo.TreePOSampler` segment trees (or ``train.rollout``),
+  then DAPO dynamic sampling: prompts whose leaves all have the same *raw* correctness
+  (``NodeInfo.CORRECT``, not the shaped reward) are dropped and the batch is topped up with
+  more prompts from the prompt stream, for at most ``treepo.max_extra_rounds`` extra rounds;
+* advantages: the ``treepo`` tree estimator (:mod:`segrl.algos.treepo`: sub-group averaging
+  over the tree; ``treepo_segment`` per segment, or ``train.adv_estimator``), then batch
+  whitening or group-std scaling (``treepo.normalization``);
 * update: the trainer's clipped policy gradient with DAPO's settings.
 
 **Algorithm defaults.** TreePO trains with DAPO's objective: clip-higher ``epsilon`` 0.2 /
@@ -25,21 +26,15 @@ import torch
 
 from .. import distributed as segrl_dist
 from ..algos.samples import trajectory_sample
-from ..algos.treepo import (
-    normalize_token_advantages,
-    normalize_tree_advantages,
-    segment_token_advantages,
-    tree_subgroups,
-    treepo_advantage,
-    treepo_segment_advantages,
-)
-from ..samplers.treepo import TreePOSampler, tree_metrics
-from .algorithms import Algorithm, register_algorithm
+from ..algos.treepo import normalize_token_advantages, normalize_tree_advantages
+from ..samplers.treepo_rules import tree_metrics
+from ..tree import NodeInfo
+from .algorithms import Algorithm, Rollout, register_algorithm
 
 
 def mixed_correctness(tree) -> bool:
     """True if the tree's leaves do not all have the same raw correctness (DAPO's filter)."""
-    vals = {float(tree[l].info.get("correct", tree[l].reward or 0.0)) for l in tree.leaves(include_mc=False)}
+    vals = {float(tree[l].info.get(NodeInfo.CORRECT, tree[l].reward or 0.0)) for l in tree.leaves(include_mc=False)}
     return len(vals) > 1
 
 
@@ -47,9 +42,14 @@ def mixed_correctness(tree) -> bool:
 class TreePO(Algorithm):
     """TreePO: tree sampling + tree advantages + DAPO update (see module docstring)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.sampler = TreePOSampler(cfg)  # validates the cross-section settings up front
+    default_sampler = "treepo"
+
+    @classmethod
+    def own_estimator(cls, cfg) -> str:
+        return "treepo_segment" if cfg.treepo.advantage_level == "segment" else "treepo"
+
+    def __init__(self, cfg, prompts=None):
+        super().__init__(cfg, prompts)
         #: running keep rate of dynamic sampling (sizes the first generation round)
         self.keep_rate: float | None = None
 
@@ -60,7 +60,7 @@ class TreePO(Algorithm):
         self.keep_rate = state.get("keep_rate", self.keep_rate)
 
     # ----- rollout with dynamic sampling -------------------------------------------------
-    def rollout(self, engine, trees, scorer):
+    def rollout(self, engine, trees, scorer, progress=None) -> Rollout:
         tp = self.cfg.treepo
         target = len(trees)
         sampled, kept = [], []
@@ -71,9 +71,9 @@ class TreePO(Algorithm):
             # follows the observed keep rate, so that one round usually suffices.
             want = min(math.ceil(tp.oversample * target), math.ceil(1.1 * target / max(self.keep_rate, 1e-3)))
             if want > target:
-                batch += self.new_trees(want - target)
+                batch += self._more(want - target)
         while True:
-            m = self.sampler.sample(engine, batch, scorer)
+            m = super().rollout(engine, batch, scorer, progress).metrics
             calls.append((m, sum(len(t.leaves(include_mc=False)) for t in batch)))
             sampled.extend(batch)
             if not tp.dynamic_sampling:
@@ -86,12 +86,20 @@ class TreePO(Algorithm):
             rate = len(kept) / len(sampled)
             cap = math.ceil(tp.oversample * missing)
             n = cap if rate == 0 else min(cap, math.ceil(missing / rate))
-            batch = self.new_trees(max(n, missing))
+            batch = self._more(max(n, missing))
             extra += 1
         kept = kept[:target]
         if tp.dynamic_sampling:
             frac = sum(map(mixed_correctness, sampled)) / max(len(sampled), 1)
             self.keep_rate = frac if self.keep_rate is None else 0.7 * self.keep_rate + 0.3 * frac
+        return Rollout(kept, self._rollout_metrics(calls, sampled, kept, extra))
+
+    def _more(self, n: int):
+        if self.prompts is None:
+            raise ValueError("TreePO dynamic sampling needs more prompts: pass prompts= (a PromptStream) to TreePO")
+        return self.prompts.next_trees(n)
+
+    def _rollout_metrics(self, calls, sampled, kept, extra: int) -> dict[str, float]:
         metrics = _weighted_mean(calls)
         metrics.update(tree_metrics(sampled))
         metrics["tree/rounds"] = float(sum(m.get("tree/rounds", 0.0) for m, _ in calls))
@@ -101,50 +109,34 @@ class TreePO(Algorithm):
         metrics["dynamic/extra_rounds"] = float(extra)
         metrics["dynamic/kept_fraction"] = sum(map(mixed_correctness, sampled)) / max(len(sampled), 1)
         metrics["dynamic/keep_rate_ema"] = float(self.keep_rate or 0.0)
-        metrics["dynamic/correct_all"] = sum(float(t[l].info.get("correct", 0.0)) for t, l in leaves) / max(len(leaves), 1)
+        metrics["dynamic/correct_all"] = sum(float(t[l].info.get(NodeInfo.CORRECT, 0.0)) for t, l in leaves) / max(len(leaves), 1)
         metrics["dynamic/reward_all"] = sum(float(t[l].reward or 0.0) for t, l in leaves) / max(len(leaves), 1)
-        metrics["_trees"] = kept
         return metrics
 
     # ----- advantages -> samples ----------------------------------------------------------
     def samples(self, trees):
         tp, t = self.cfg.treepo, self.cfg.train
-        idx = tree_subgroups(trees, dedup=tp.dedup_subgroups) if trees else None
-        if idx is None or not idx.refs:
+        adv = self.estimate(trees)
+        if not adv.refs:
             if tp.normalization == "batch_whiten":  # torchrun: the other ranks wait for this one's sums
                 segrl_dist.global_mean_std(torch.zeros(0))
             return [], {}
-        rewards = torch.tensor([float(tr[l].reward) for tr, l in idx.refs], dtype=torch.float64)
-        raw = treepo_advantage(
-            rewards, idx.pair_leaf, idx.pair_group, idx.is_root,
-            aggregation=tp.advantage_aggregation,
-            reject_zero_std=tp.reject_zero_std_subgroups,
-            include_root=tp.include_root,
-        )
-        for (tree, leaf), a in zip(idx.refs, raw.tolist()):
-            tree[leaf].info["advantage"] = float(a)  # saved with the tree: the raw (unnormalised) tree advantage
-        if tp.advantage_level == "trajectory":
-            adv = normalize_tree_advantages(raw, tp.normalization, idx.lengths, rewards, idx.group, stats=segrl_dist.global_mean_std)
-            values = adv.tolist()
-            out = [
-                trajectory_sample(tree, leaf, float(a), t.mask_truncated_completions, self.rho)
-                for (tree, leaf), a in zip(idx.refs, values)
-            ]
-            flat = adv
+        rewards = torch.tensor([float(tr[l].reward) for tr, l in adv.refs], dtype=torch.float64)
+        group = torch.tensor([tr.group for tr, _ in adv.refs], dtype=torch.long)
+        if adv.scalar is not None:
+            raw = torch.tensor(adv.scalar, dtype=torch.float64)
+            lengths = torch.tensor(_completion_lengths(adv.refs), dtype=torch.long)
+            flat = normalize_tree_advantages(raw, tp.normalization, lengths, rewards, group, stats=segrl_dist.global_mean_std)
+            per_leaf: list = flat.tolist()
         else:
-            seg: dict[int, dict[int, float]] = {}
-            for tree in trees:
-                r = {l: float(tree[l].reward) for l in tree.leaves(include_mc=False)}
-                seg[id(tree)] = treepo_segment_advantages(tree, r)
-                for node, a in seg[id(tree)].items():
-                    tree[node].info["advantage"] = float(a)  # a segment's own credit (leaves: their segment's)
-            per_leaf = [segment_token_advantages(tree, leaf, seg[id(tree)]) for tree, leaf in idx.refs]
-            per_leaf = normalize_token_advantages(per_leaf, tp.normalization, rewards, idx.group, stats=segrl_dist.global_mean_std)
-            out = [
-                trajectory_sample(tree, leaf, a, t.mask_truncated_completions, self.rho)
-                for (tree, leaf), a in zip(idx.refs, per_leaf)
-            ]
+            per_leaf = [adv.tokens(i) for i in range(len(adv.refs))]
+            per_leaf = normalize_token_advantages(per_leaf, tp.normalization, rewards, group, stats=segrl_dist.global_mean_std)
             flat = torch.tensor([x for row in per_leaf for x in row] or [0.0], dtype=torch.float64)
+            raw = torch.tensor([a for i in range(len(adv.refs)) for a in adv.segments(i)], dtype=torch.float64)
+        out = [
+            trajectory_sample(tree, leaf, a, t.mask_truncated_completions, self.rho)
+            for (tree, leaf), a in zip(adv.refs, per_leaf)
+        ]
         metrics = {
             "advantages/mean": float(flat.mean()),
             "advantages/std": float(flat.std()) if flat.numel() > 1 else 0.0,
@@ -152,6 +144,20 @@ class TreePO(Algorithm):
             "advantages/zero_fraction": float((raw.abs() < 1e-12).to(torch.float64).mean()),
         }
         return out, metrics
+
+
+def _completion_lengths(refs) -> list[int]:
+    """``tree.completion_len(leaf)`` of every ``(tree, leaf)``, one pass over each tree."""
+    by_tree: dict[int, list[int]] = {}
+    out = []
+    for tree, leaf in refs:
+        lens = by_tree.get(id(tree))
+        if lens is None:
+            lens = by_tree[id(tree)] = [0] * len(tree)
+            for i in tree.subtree(0)[1:]:  # pre-order: parents first
+                lens[i] = lens[tree[i].parent] + len(tree[i].token_ids)
+        out.append(lens[leaf])
+    return out
 
 
 def _weighted_mean(calls: list[tuple[dict, int]]) -> dict[str, float]:
