@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .loader import ConfigError, describe
-from .sections import ALGOS
+from .checks import algorithm_names
 
 #: the config section that holds each algorithm's own settings
 ALGO_SECTION = {"grpo": "train", "rloo": "train", "spo_chain": "spo", "spo_tree": "spo", "treepo": "treepo"}
@@ -16,17 +16,17 @@ def select(names: list[str], sections: list[str]) -> tuple[list[str], str | None
     """``segrl config NAME...``: the sections to show and the algorithm named (if any).
 
     A name is a section (``spo``) or an algorithm (``spo_tree``: its section, with its recipe)."""
-    shown, algo = [], None
+    shown, algo, algos = [], None, algorithm_names()
     for n in names:
         if n in sections:
             shown.append(n)
-        elif n in ALGOS:
+        elif n in algos:
             if algo not in (None, n):
                 raise ConfigError(f"one algorithm at a time (got {algo} and {n})")
             algo = n
-            shown.append(ALGO_SECTION[n])
+            shown.append(ALGO_SECTION.get(n, "train"))
         else:
-            raise ConfigError(f"{n!r} is neither a section ({', '.join(sections)}) nor an algorithm ({', '.join(ALGOS)})")
+            raise ConfigError(f"{n!r} is neither a section ({', '.join(sections)}) nor an algorithm ({', '.join(algos)})")
     return list(dict.fromkeys(shown)), algo
 
 
