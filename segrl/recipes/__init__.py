@@ -37,7 +37,7 @@ def recipe_defaults(path: str | Path | None = None, overrides: dict[str, Any] | 
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
             file_data = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError):
             file_data = {}  # the loader reports the bad file itself
     algo = _pick(overrides, file_data, "train", "algo", "grpo")
     task = _pick(overrides, file_data, "data", "task", "arithmetic")

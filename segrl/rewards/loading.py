@@ -54,8 +54,10 @@ class FileRewardFunc:
                 sys.modules[mod_name] = module
                 try:
                     spec.loader.exec_module(module)
-                except BaseException:
+                except BaseException as e:
                     del sys.modules[mod_name]
+                    if isinstance(e, SystemExit):  # would end the trainer without a word
+                        raise ImportError(f"importing {path} called sys.exit({e.code!r})") from None
                     raise
             func = getattr(module, self.func_name, None)
             if func is None:

@@ -1,0 +1,87 @@
+"""Bad input to ``segrl train`` ends with ONE line on stderr that names the input, exit status 1,
+no traceback, and nothing written (every check here runs before the model is loaded).
+
+The cases the audit listed run as real ``python -m segrl.cli train`` processes; the rest of the
+same families run through ``segrl.cli.main`` in-process (the same code path, without an
+interpreter start per case). ``-m slow`` runs every case as a process (the attack rerun in
+docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from bad_inputs import CASES, LISTED, MORE, case_args, make_inputs
+from reliability_helpers import (
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    run_cli,
+    tiny_model_dir,
+    train_args,
+)
+
+from segrl.cli import main
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return make_inputs(tmp_path_factory.mktemp("bad-inputs"))
+
+
+def _args(tmp_path, inputs, case):
+    extra, named = case_args(case, inputs)
+    return train_args(tiny_model_dir(tmp_path), tmp_path / "run", *extra, steps=1), named
+
+
+def _check_process(p, named: str, run_dir) -> None:
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("segrl: ") and named in lines[0], lines[0]
+    assert not run_dir.exists(), "something was written before the check"
+
+
+@pytest.mark.parametrize("case", list(LISTED))
+def test_listed_bad_input_is_a_one_line_error(tmp_path, inputs, case):
+    args, named = _args(tmp_path, inputs, case)
+    _check_process(run_cli(args, timeout=120), named, tmp_path / "run")
+
+
+@pytest.mark.parametrize("case", list(MORE))
+def test_more_bad_input_is_a_one_line_error(tmp_path, inputs, case, capsys):
+    args, named = _args(tmp_path, inputs, case)
+    try:
+        rc = main(args)
+        message = capsys.readouterr().err.strip()
+    except SystemExit as e:  # how the CLI reports an invalid config
+        rc, message = 1, str(e.code)
+    assert rc == 1
+    lines = [line for line in message.splitlines() if line.strip()]
+    assert len(lines) == 1, message
+    assert lines[0].startswith("segrl: ") and named in lines[0], lines[0]
+    assert not (tmp_path / "run").exists(), "something was written before the check"
+
+
+def test_a_two_row_file_trains(tmp_path, inputs):
+    # two rows: one is held out, one is trained on (it used to hold none out, then crash)
+    two = inputs / "two.jsonl"
+    two.write_text("".join(line + "\n" for line in (inputs / "good.jsonl").read_text().splitlines()[:2]))
+    args = train_args(tiny_model_dir(tmp_path), tmp_path / "run", "--data.task", "file", "--data.train_file", str(two), steps=1)
+    assert main(args) == 0
+
+
+@pytest.mark.slow
+def test_every_bad_input_as_a_cli_process(tmp_path, inputs):
+    failures, times = [], []
+    for case in CASES:
+        args, named = _args(tmp_path, inputs, case)
+        t0 = time.monotonic()
+        p = run_cli(args, timeout=120)
+        times.append(time.monotonic() - t0)
+        try:
+            _check_process(p, named, tmp_path / "run")
+        except AssertionError as e:
+            failures.append((case, str(e)[:300]))
+    print(f"{len(CASES)} bad inputs: {len(CASES) - len(failures)} one-line errors; slowest {max(times):.1f} s")
+    assert not failures, failures
