@@ -85,3 +85,14 @@ def test_every_bad_input_as_a_cli_process(tmp_path, inputs):
             failures.append((case, str(e)[:300]))
     print(f"{len(CASES)} bad inputs: {len(CASES) - len(failures)} one-line errors; slowest {max(times):.1f} s")
     assert not failures, failures
+
+
+def test_large_integers_keep_every_digit():
+    from segrl.configs import ConfigError, load_config
+
+    # read through a float, 12345678901234567891 became 12345678901234567168
+    assert load_config(None, {"data.seed": "12345678901234567891"}).data.seed == 12345678901234567891
+    assert load_config(None, {"train.seed": " +4294967295 "}).train.seed == 4294967295
+    assert load_config(None, {"train.max_steps": "1e2"}).train.max_steps == 100
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(None, {"train.max_steps": "+-5"})
