@@ -12,9 +12,14 @@ from __future__ import annotations
 import math
 
 import pytest
+from reliability_helpers import (
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    reward_file,
+    step_lines,
+    tiny_model_dir,
+    train_args,
+)
 
-from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from reliability_helpers import reward_file, step_lines, tiny_model_dir, train_args
 from segrl.cli import main
 from segrl.trainer import checkpoint as ckpt
 

@@ -67,7 +67,7 @@ def run_one(
             raise
         return "error", traceback.format_exc()
     except MemoryError:
-        return "error", traceback.format_exc() + "(the worker's memory limit, data.reward_memory_mb, was reached)\n"
+        return "error", traceback.format_exc().rstrip("\n") + " (over the worker's memory limit, data.reward_memory_mb)\n"
     except BaseException:  # noqa: BLE001 - we report everything, including SystemExit
         return "error", traceback.format_exc()
 
