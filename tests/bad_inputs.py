@@ -66,7 +66,7 @@ LISTED = {
     "non-utf8-byte": (_file("nonutf8.jsonl"), "nonutf8.jsonl: row 4: not UTF-8"),
     "100k-nested-brackets": (_file("nested.jsonl"), "nested.jsonl: row 2: invalid JSON (nested too deeply"),
     "one-row-file": (_file("one.jsonl"), "one.jsonl: 1 usable row(s)"),
-    "binary-yaml-config": (["--config", "{D}/binary.yaml"], "binary.yaml' is not UTF-8"),
+    "binary-yaml-config": (["--config", "{D}/binary.yaml"], "binary.yaml': not UTF-8 text"),
     "reasoning-gym-nosuch": (["--data.task", "reasoning_gym:nosuch"], "data.task: 'reasoning_gym:nosuch'"),
     "seed-out-of-range": (["--train.seed", "1180591620717411303424"], "train.seed: must be in [0, 2**32 - 1]"),
 }

@@ -7,6 +7,7 @@ against ``max_error_fraction``. Small timeouts keep each case to a few seconds.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -66,16 +67,9 @@ def allocates_on_bad(prompts, completions, **kw):
 
 @pytest.fixture
 def make_rc():
-    made = []
-
-    def make(*args, **kw):
-        rc = RewardComputer(*args, **kw)
-        made.append(rc)
-        return rc
-
-    yield make
-    for rc in made:
-        rc.close()
+    """Makes RewardComputers; closes them (and their worker processes) after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda *args, **kw: stack.enter_context(RewardComputer(*args, **kw))
 
 
 def _batch(n: int, bad: set[int]) -> list[str]:

@@ -157,6 +157,19 @@ def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None =
     return build(cls, data)
 
 
+def read_utf8(path: Path) -> tuple[str, str | None]:
+    """``(text, problem)``: a file's text (a UTF-8 byte-order mark dropped), or why it cannot be
+    read (``"cannot be read (...)"``, ``"not UTF-8 text (byte 0x.. at offset N)"``)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return "", f"cannot be read ({e.strerror})"
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError as e:
+        return "", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+
+
 def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML config file, or a one-line :class:`ConfigError` saying what is wrong
     with the file (missing, a directory, unreadable, not UTF-8 text, not YAML, not a mapping)."""
@@ -166,15 +179,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {name} is a directory, expected a YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {name} not found" if not p.exists() else f"config file {name} is not a regular file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ConfigError(f"config file {name} cannot be read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        bad = f"byte 0x{raw[e.start]:02x} at offset {e.start}"
-        raise ConfigError(f"config file {name} is not UTF-8 text ({bad}); is it a YAML file?") from None
+    text, problem = read_utf8(p)
+    if problem is not None:
+        raise ConfigError(f"config file {name}: {problem}; is it a YAML file?")
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -26,6 +26,14 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def _quietly(fn: Callable, *args: Any) -> None:
+    """Call ``fn``; a pipe or process that is already gone is not an error here."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class Proc:
     """A started worker: the process handle and our end of the pipe."""
 
@@ -58,26 +66,14 @@ class Proc:
         return self.handle.poll() if self.kind == "subprocess" else self.handle.exitcode
 
     def kill(self) -> None:
-        try:
-            self.conn.close()
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self.handle.kill()
-        except Exception:  # noqa: BLE001
-            pass
+        _quietly(self.conn.close)
+        _quietly(self.handle.kill)
         self._wait(5)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Ask politely (send None / close the pipe), then kill."""
-        try:
-            self.conn.send(None)
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            self.conn.close()
-        except Exception:  # noqa: BLE001
-            pass
+        _quietly(self.conn.send, None)
+        _quietly(self.conn.close)
         self._wait(timeout)
         if self.alive():
             self.kill()

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from segrl.configs.loader import read_utf8
+
 __all__ = ["DatasetError", "LoadedRows", "RowSpec", "format_prompt", "load_rows", "make_splits", "read_rows", "split_rows"]
 
 logger = logging.getLogger(__name__)
@@ -151,14 +153,9 @@ def _jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def _json(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read the file ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
+    text, problem = read_utf8(path)
+    if problem is not None:
+        raise DatasetError(f"{path}: {problem}" + ("; save the file as UTF-8" if "UTF-8" in problem else ""))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
