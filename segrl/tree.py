@@ -317,7 +317,7 @@ class RolloutTree:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RolloutTree":
         t = cls.__new__(cls)
-        t.group = d.get("group", 0)
+        t.group = int(d.get("group", 0))  # read back from files: never a string into a page
         t.row = dict(d.get("row", {}))
         t.nodes = [Node(**n) for n in d["nodes"]]
         t.kv = {}

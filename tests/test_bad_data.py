@@ -11,9 +11,13 @@ import json
 import logging
 
 import pytest
+from reliability_helpers import (
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    step_lines,
+    tiny_model_dir,
+    train_args,
+)
 
-from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from reliability_helpers import step_lines, tiny_model_dir, train_args
 from segrl.cli import main
 from segrl.configs import ConfigError, load_config
 from segrl.tasks.math_datasets import DatasetError, load_rows
@@ -123,3 +127,37 @@ def test_unknown_key_in_yaml_file(tmp_path):
     y.write_text("train:\n  learning_rate: 1e-4\n  lerning_rate: 1e-3\n")
     with pytest.raises(ConfigError, match="unknown config key 'train.lerning_rate'"):
         load_config(y)
+
+
+def test_small_sources_keep_a_row_on_each_side_of_the_split():
+    from segrl.tasks.rows import split_rows
+
+    rows = [{"id": i} for i in range(5)]
+    assert [len(p) for p in split_rows(rows[:1])] == [1, 0]  # one row: nothing to hold out
+    assert [len(p) for p in split_rows(rows[:2])] == [1, 1]  # round(0.4) = 0 would hold out none
+    assert [len(p) for p in split_rows(rows[:3])] == [2, 1]  # round(0.6) = 1, as before
+    assert [len(p) for p in split_rows(rows[:2], test_fraction=0.9)] == [1, 1]  # one left to train on
+    assert [len(p) for p in split_rows(rows[:2], test_fraction=0.0)] == [2, 0]
+    assert [len(p) for p in split_rows(rows[:2], test_fraction=1.0)] == [0, 2]
+
+
+def test_unreadable_lines_are_bad_rows_naming_their_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD[0]).encode()
+    f.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"prompt": "\xff", "answer": "1"}\n' + b"[" * 50_000 + b"\n" + good + b"\n")
+    with pytest.raises(DatasetError, match=r"d\.jsonl: row 2: not UTF-8 text \(byte 0xff at column 13\)"):
+        load_rows(f)  # the byte-order mark on line 1 is fine
+    got = load_rows(f, skip_bad_rows=True)
+    assert got.skipped == 2 and [r["id"] for r in got.rows] == [1, 4]
+    f.write_bytes(good + b"\n" + b"[" * 50_000 + b"\n")
+    with pytest.raises(DatasetError, match=r"row 2: invalid JSON \(nested too deeply to read\)"):
+        load_rows(f)
+
+
+def test_a_missing_column_names_the_columns_the_row_has(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": "2"}])
+    with pytest.raises(DatasetError, match=r"row 1: missing 'prompt' \(the row has 'question', 'answer'; set data.prompt_column"):
+        load_rows(f)
+    f = _jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1", "answer": None}])
+    with pytest.raises(DatasetError, match=r"row 1: missing 'answer'$"):  # present but null: no column hint
+        load_rows(f)

@@ -41,7 +41,9 @@ scalars = (
     | st.text(max_size=12)
     | st.sampled_from(["true", "no", "none", "1e-4", "-1", "0", "3.5", "nan", "inf", "grpo", "a,b", ""])
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6
+)
 
 
 @st.composite
@@ -86,8 +88,11 @@ def test_cli_overrides_are_valid_or_config_error(overrides):
         pass
 
 
+_ARG_WORDS = ["--train.max_steps", "--algo", "--skip-bad-rows", "--x", "--log.progress", "1"]
+
+
 @FUZZ
-@given(st.lists(st.text(max_size=12) | st.sampled_from(["--train.max_steps", "--algo", "--skip-bad-rows", "--x", "--log.progress", "1"]), max_size=6))
+@given(st.lists(st.text(max_size=12) | st.sampled_from(_ARG_WORDS), max_size=6))
 def test_cli_argument_lists_never_crash(argv):
     """Any argument list: parsed, or a SystemExit / ConfigError with a message."""
     from segrl.cli import _split_overrides

@@ -241,3 +241,16 @@ def test_reasoning_gym_adapter():
     scorer = pickle.loads(pickle.dumps(t.correctness))
     assert scorer(None, comps, answers) == [1.0] * 4 + [0.0, 1.0]
     assert extract_tagged_answer("no tags") is None
+
+
+def test_reasoning_gym_unknown_data_set_names_the_closest():
+    from types import SimpleNamespace
+
+    from segrl.tasks.reasoning_gym import _check_name
+
+    rg = SimpleNamespace(factory=SimpleNamespace(DATASETS={"basic_arithmetic": None, "chain_sum": None}))
+    _check_name(rg, "chain_sum")
+    with pytest.raises(LookupError, match=r"no data set 'basic_arithmatic' \(did you mean basic_arithmetic\?\)"):
+        _check_name(rg, "basic_arithmatic")
+    with pytest.raises(LookupError, match=r"no data set 'nosuch' \(it has 2, e.g. basic_arithmetic, chain_sum\)"):
+        _check_name(rg, "nosuch")

@@ -10,8 +10,8 @@ import pytest
 from segrl.rewards.math_grading import (
     MathGrader,
     answer_accuracy,
-    extract_final_answer,
     extract_boxed,
+    extract_final_answer,
     extract_gsm8k_answer,
     extract_gsm8k_prediction,
     grade,

@@ -9,12 +9,12 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from reliability_helpers import one_torch_thread  # noqa: F401  (autouse: in-process runs use one torch thread)
 from report_helpers import chain_tree, default_tokenizer, full_tree, write_run
+
 from segrl.report import build_report, build_tree_view
 from segrl.report.layout import tidy_layout
-from segrl.report.rundata import load_run, scan_rollouts, tree_token_counts
+from segrl.report.rundata import scan_rollouts, tree_token_counts
 from segrl.report.svg import line_chart, nice_ticks
 from segrl.report.text import Detok
 from segrl.report.viewer import BOX_H, COL, MC_SLOT, SLOT, layout_for, node_facts, tree_svg
@@ -118,7 +118,7 @@ def test_spo_chain_cut_points_values_and_mc_dots():
     cuts = {int(g.get("data-node")): int(g.get("data-cut")) for g in nodes if g.get("data-cut")}
     # both trajectories are cut at offsets 0 and 3: the head segment opens at 0, the tail at 3
     assert sorted(cuts.values()) == [0, 0, 3, 3]
-    for i, b in cuts.items():
+    for i in cuts:
         assert t.segment_spans(t.subtree_leaves(i, include_mc=False)[0])  # a chain segment
     heads = [i for i, b in cuts.items() if b == 0]
     for h in heads:  # the head's end state is a boundary: its MC value is drawn
@@ -138,7 +138,11 @@ def test_mean_leaf_reward_stands_in_for_a_missing_value():
 
 
 def test_report_has_curves_config_rollouts_and_token_savings(tmp_path):
-    trees = {1: [full_tree([2, 2, 2], group=g) for g in range(3)], 2: [full_tree([4, 4, 4], group=g) for g in range(2)], 3: [full_tree([2, 2], group=0)]}
+    trees = {
+        1: [full_tree([2, 2, 2], group=g) for g in range(3)],
+        2: [full_tree([4, 4, 4], group=g) for g in range(2)],
+        3: [full_tree([2, 2], group=0)],
+    }
     run = write_run(tmp_path / "run", trees)
     path = build_report(run, tokenizer=default_tokenizer())
     html = path.read_text()

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import one_torch_thread  # noqa: F401  (autouse: in-process runs use one torch thread)
 from report_helpers import (
     chain_tree,
@@ -20,11 +19,13 @@ from report_helpers import (
     severe_console_entries,
     write_run,
 )
+
 from segrl.report import build_report, build_tree_view
 
 pytestmark = pytest.mark.skipif(
     not have_chromium(),
-    reason="needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver) and selenium (pip install -e '.[test]')",
+    reason="needs /usr/bin/chromium and /usr/bin/chromedriver (apt-get install chromium chromium-driver) "
+    "and selenium (pip install -e '.[test]')",
 )
 
 
@@ -108,7 +109,10 @@ def test_tree_view_draws_every_node_and_leaf(driver, tmp_path, shape, blank_png_
     )
     assert overlaps[0] == 0 and overlaps[1] == len(trees[0].leaves()) and overlaps[2] > 20
     # hover text: every node has a <title> with its numbers and full text
-    assert driver.execute_script("return Array.from(document.querySelectorAll('g.node')).every(g => g.querySelector('title') && g.querySelector('title').textContent.includes('depth'))")
+    assert driver.execute_script(
+        "return Array.from(document.querySelectorAll('g.node'))"
+        ".every(g => g.querySelector('title') && g.querySelector('title').textContent.includes('depth'))"
+    )
     _screenshot_ok(driver, tmp_path / "trees.png", blank_png_size)
 
 
@@ -181,3 +185,16 @@ def test_real_training_run_report_in_browser(driver, tmp_path, blank_png_size):
     _screenshot_ok(driver, tmp_path / "real_report.png", blank_png_size)
     full_page_screenshot(driver, tmp_path / "full.png")
     assert (tmp_path / "full.png").stat().st_size > 50_000
+
+
+def test_crafted_run_runs_no_injected_code(driver, tmp_path):
+    # every field of the run holds injection strings (see test_report_injection.py)
+    from test_report_injection import MARK, EvilTokenizer, make_crafted_run
+
+    run = make_crafted_run(tmp_path)
+    build_report(run, tokenizer=EvilTokenizer())
+    for page in ("report.html", "trees.html"):
+        driver.get((run / page).resolve().as_uri())  # an alert() would raise UnexpectedAlertPresentException
+        assert driver.execute_script("return document.readyState") == "complete"
+        assert driver.execute_script("return document.documentElement.getAttribute(arguments[0])", MARK) is None
+        assert driver.execute_script("return document.querySelectorAll('script, img, iframe, [onerror], [onload]').length") == 0

@@ -12,9 +12,14 @@ from __future__ import annotations
 import math
 
 import pytest
+from reliability_helpers import (
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    reward_file,
+    step_lines,
+    tiny_model_dir,
+    train_args,
+)
 
-from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from reliability_helpers import reward_file, step_lines, tiny_model_dir, train_args
 from segrl.cli import main
 from segrl.trainer import checkpoint as ckpt
 
@@ -69,6 +74,21 @@ def always_raises(completions, **kw):
 '''
 
 
+def _failing_per_step(run_dir, model_dir) -> dict[int, int]:
+    """How many of each step's completions the FUNCS fail on (``_bad``), decoded as the scorer does."""
+    from transformers import AutoTokenizer
+
+    from segrl.tree import load_jsonl
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    out: dict[int, int] = {}
+    for t in load_jsonl(run_dir / "rollouts.jsonl"):
+        for leaf in t.leaves():
+            c = tok.decode(t.path_token_ids(leaf, include_prompt=False), skip_special_tokens=True)
+            out[t.row["step"]] = out.get(t.row["step"], 0) + (sum(map(ord, c)) % 3 == 0)
+    return out
+
+
 def _train(tmp_path, fn, *extra, steps):
     model = tiny_model_dir(tmp_path)
     rew = f"{reward_file(tmp_path, FUNCS, 'user_rewards.py')}:{fn}"
@@ -88,11 +108,14 @@ def test_failing_samples_get_fallback_and_training_goes_on(tmp_path, fn, steps):
     assert errors > 0, "the fault was never triggered"
     assert errors == sum(m[f"rewards/{fn}/errors"] for m in lines)
     assert errors < sum(m["train/samples"] for m in lines)  # only the failing samples
+    # exactly the samples the function fails on, step by step (a hang used to cost its
+    # neighbours too: "not attempted (too many consecutive timeouts)")
+    bad = _failing_per_step(tmp_path / "run", tiny_model_dir(tmp_path))
+    assert [m[f"rewards/{fn}/errors"] for m in lines] == [float(bad.get(m["step"], 0)) for m in lines]
     for m in lines:
         assert math.isfinite(m["reward"]) and math.isfinite(m["loss"])
-        assert m[f"rewards/{fn}/errors"] <= 8
     if fn.startswith("hangs"):
-        assert sum(m["rewards/timeouts"] for m in lines) > 0
+        assert [m["rewards/timeouts"] for m in lines] == [m["rewards/errors"] for m in lines]
     assert (tmp_path / "run" / "final_model").is_dir()
 
 

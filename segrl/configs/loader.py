@@ -8,7 +8,9 @@ an unknown key or an invalid value raises :class:`ConfigError` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -75,6 +77,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, int):
             return value
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)  # exact: through a float, a large integer would lose digits
         try:
             f = float(value)
         except (TypeError, ValueError, OverflowError):
@@ -108,7 +112,7 @@ def build(cls, data: dict | None, where: str = ""):
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r}; known keys here: {sorted(names)}")
+            raise ConfigError(f"unknown config key {path!r}{_did_you_mean(key, names, where)}; known keys here: {sorted(names)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -121,6 +125,11 @@ def build(cls, data: dict | None, where: str = ""):
                 raise ConfigError(f"{path}: {v!r} is not one of {list(choices)}")
             kwargs[key] = v
     return cls(**kwargs)  # __post_init__ checks name their field in full
+
+
+def _did_you_mean(key: Any, names: dict, where: str) -> str:
+    close = difflib.get_close_matches(str(key), list(names), n=1, cutoff=0.6)
+    return f" (did you mean {(f'{where}.' if where else '') + close[0]!r}?)" if close else ""
 
 
 def to_dict(cfg) -> dict:
@@ -142,19 +151,51 @@ def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None =
     """Load ``cls`` from an optional YAML file plus dotted overrides (CLI wins over file)."""
     data: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml(path))
     for k, v in (overrides or {}).items():
         set_path(data, k, v)
     return build(cls, data)
+
+
+def read_utf8(path: Path) -> tuple[str, str | None]:
+    """``(text, problem)``: a file's text (a UTF-8 byte-order mark dropped), or why it cannot be
+    read (``"cannot be read (...)"``, ``"not UTF-8 text (byte 0x.. at offset N)"``)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return "", f"cannot be read ({e.strerror})"
+    try:
+        return raw.decode("utf-8-sig"), None
+    except UnicodeDecodeError as e:
+        return "", f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file, or a one-line :class:`ConfigError` saying what is wrong
+    with the file (missing, a directory, unreadable, not UTF-8 text, not YAML, not a mapping)."""
+    p = Path(path)
+    name = repr(str(p))
+    if p.is_dir():
+        raise ConfigError(f"config file {name} is a directory, expected a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file {name} not found" if not p.exists() else f"config file {name} is not a regular file")
+    text, problem = read_utf8(p)
+    if problem is not None:
+        raise ConfigError(f"config file {name}: {problem}; is it a YAML file?")
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"config file {name} is not valid YAML ({what}{at})") from None
+    except RecursionError:
+        raise ConfigError(f"config file {name} is not valid YAML (nested too deeply)") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {name} must hold a mapping of sections (train:, data:, ...), got a {type(loaded).__name__}")
+    return loaded
 
 
 def _merge(a: dict, b: dict) -> dict:

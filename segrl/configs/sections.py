@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from . import checks
 from .loader import check, option
 
+#: largest train.seed: numpy and vLLM take 32-bit seeds (torch 64-bit ones, which the trainer derives from it)
+MAX_SEED = 2**32 - 1
+
 
 @dataclass
 class ModelConfig:
@@ -42,12 +45,18 @@ class DataConfig:
     reward_weights: list[float] | None = option(None, help="One weight per reward function (correctness first); default all 1.")
     reward_timeout: float = option(30.0, help="Seconds a reward function may take on one batch before its samples get the fallback reward.")
     max_reward_error_fraction: float = option(0.5, help="Stop the run when more than this fraction of recent samples hit reward errors.")
+    reward_memory_mb: int = option(
+        8192,
+        help="MiB a reward worker process may allocate beyond its start-up size (RLIMIT_AS); past it the function gets "
+        "a MemoryError, an error for those samples only. 0 = no limit.",
+    )
 
     def __post_init__(self):
         check(self.num_train > 0, "data.num_train", "must be > 0")
         check(self.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
         check(self.reward_timeout > 0, "data.reward_timeout", "must be > 0")
         check(0 < self.max_reward_error_fraction <= 1, "data.max_reward_error_fraction", "must be in (0, 1]")
+        check(self.reward_memory_mb >= 0, "data.reward_memory_mb", "must be >= 0 (0 = no limit)")
 
 
 @dataclass
@@ -118,6 +127,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        check(0 <= self.seed <= MAX_SEED, "train.seed", f"must be in [0, 2**32 - 1] (a 32-bit seed), got {self.seed}")
         check(self.max_generated_tokens >= 0, "train.max_generated_tokens", "must be >= 0 (0 = off)")
         check(self.prompts_per_step > 0, "train.prompts_per_step", "must be > 0")
         check(self.num_generations >= 1, "train.num_generations", "must be >= 1")

@@ -36,7 +36,7 @@ def config_file_data(path: str | Path | None) -> dict:
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
             return loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError):
             pass  # the loader reports the bad file itself
     return {}
 

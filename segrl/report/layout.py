@@ -8,8 +8,8 @@ Slots may differ in height (SPO-chain's Monte-Carlo leaves are drawn as small do
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 
 @dataclass

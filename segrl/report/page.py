@@ -18,7 +18,8 @@ th { background: #f5f5f5; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 pre, code, .mono { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: #f7f7f7; border: 1px solid #e3e3e3; padding: 8px; overflow: auto; max-height: 520px; }
-td.text { white-space: pre-wrap; font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; max-width: 640px; }
+td.text { white-space: pre-wrap; font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px;
+  max-width: 640px; }
 .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(530px, 1fr)); gap: 12px; }
 .charts figure { margin: 0; border: 1px solid #eee; padding: 4px; }
 .charts figcaption { font-size: 12px; color: #555; padding: 2px 6px 4px; }

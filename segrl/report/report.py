@@ -14,11 +14,13 @@ from typing import Any
 
 from ..tree import RolloutTree
 from .page import page
-from .rundata import Run, RolloutScan, load_run, scan_rollouts
+from .rundata import RolloutScan, Run, load_run, scan_rollouts
 from .svg import esc, fmt_num, line_chart
 from .text import Detok, load_run_tokenizer
-from .viewer import legend, reward_range, tree_svg, write_tree_view, atomic_write
+from .viewer import atomic_write, legend, reward_range, tree_svg, write_tree_view
 
+#: the run's files the report links to (constant names: nothing from the run goes into a link)
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "rollouts.jsonl", "summary.json", "trees.html")
 #: eval/* keys that are accuracies (the others, tokens and lengths, are not plotted there)
 _ACC = ("pass@", "maj@", "acc")
 
@@ -40,7 +42,7 @@ def _chart_specs(run: Run) -> list[tuple[str, str, list[str], str, tuple[float, 
         ("kl", "KL to the reference model", ["kl"], "KL (nats per token, k3 estimate)", None,
          "Logged only with a reference model (train.beta > 0)." if not beta else f"train.beta = {beta}."),
         ("entropy", "Policy entropy", ["entropy"], "entropy (nats per token)", None, "Mean over the trained tokens."),
-        ("length", "Completion length", [k for k in ("completions/mean_length", "completions/min_length", "completions/max_length") if k in keys],
+        ("length", "Completion length", [k for k in (f"completions/{s}_length" for s in ("mean", "min", "max")) if k in keys],
          "tokens per completion", (0.0, None), f"sampling.max_completion_length = {run.get('sampling.max_completion_length', '?')}."),
         ("clip", "Clip ratio", clip, "fraction of trained tokens", (0.0, None),
          "Tokens whose probability ratio was clipped (low / high side / either: region)."),
@@ -67,7 +69,8 @@ def token_chart(run: Run, scan: RolloutScan, x_range: tuple[float, float] | None
         dec, ind = run.series("tree/decoded_tokens"), run.series("tree/independent_equivalent_tokens")
         series = {k: v for k, v in (("decoded (tree/decoded_tokens)", dec), ("independent (tree/independent_equivalent_tokens)", ind)) if v}
         cap = "From metrics.jsonl (no rollouts.jsonl): tokens decoded with prefix sharing vs sampling each leaf independently."
-    svg = line_chart(series, "Tokens saved by prefix sharing", "training step", "tokens per step", y_range=(0.0, None), chart_id="tokens", x_range=x_range)
+    title = "Tokens saved by prefix sharing"
+    svg = line_chart(series, title, "training step", "tokens per step", y_range=(0.0, None), chart_id="tokens", x_range=x_range)
     return svg, cap
 
 
@@ -84,7 +87,7 @@ def heldout_table(run: Run) -> str:
     for label, r in (("before training", before), ("after training", after)):
         if r:
             rows.append(f"<tr><th>{label}</th>" + "".join(f'<td class="num">{esc(_cell(r.get(c)))}</td>' for c in cols) + "</tr>")
-    if before and after and "pass@1" in before and "pass@1" in after:
+    if before and after and all(isinstance(r.get("pass@1"), (int, float)) for r in (before, after)):
         d = 100 * (after["pass@1"] - before["pass@1"])
         extra = f'<p class="note">pass@1 {before["pass@1"]:.3f} → {after["pass@1"]:.3f} ({d:+.1f} points).</p>'
     else:
@@ -143,11 +146,13 @@ def sample_rollouts(trees: list[RolloutTree], detok: Detok, per_tree: int = 3, m
 def rollouts_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return '<p class="note">No rollouts saved (log.save_rollouts is off).</p>'
-    head = "<tr><th>step</th><th>group</th><th>prompt</th><th>answer</th><th>completion</th><th>reward</th><th>finish</th><th>tokens</th></tr>"
+    cols = ("step", "group", "prompt", "answer", "completion", "reward", "finish", "tokens")
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in cols) + "</tr>"
     body = "".join(
-        f'<tr class="rollout"><td class="num">{esc(r["step"])}</td><td class="num">{r["group"]}</td><td class="text">{esc(r["prompt"])}</td>'
+        f'<tr class="rollout"><td class="num">{esc(r["step"])}</td><td class="num">{esc(r["group"])}</td>'
+        f'<td class="text">{esc(r["prompt"])}</td>'
         f'<td class="text">{esc("" if r["answer"] is None else r["answer"])}</td><td class="text">{esc(r["completion"])}</td>'
-        f'<td class="num">{esc(fmt_num(r["reward"], 4))}</td><td>{esc(r["finish"] or "")}</td><td class="num">{r["tokens"]}</td></tr>'
+        f'<td class="num">{esc(fmt_num(r["reward"], 4))}</td><td>{esc(r["finish"] or "")}</td><td class="num">{esc(r["tokens"])}</td></tr>'
         for r in rows
     )
     return f'<table id="rollouts">{head}{body}</table>'
@@ -169,7 +174,7 @@ def build_report(run_dir: str | Path, tokenizer: Any | None = None, trees_html: 
         f'<p class="sub">algorithm <b>{esc(run.algo)}</b> · model {esc(run.get("model.name_or_path", "?"))} · '
         f'task {esc(run.get("data.task", "?"))} · {len(steps)} of {esc(run.get("train.max_steps", "?"))} steps logged · '
         f"written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} · files: "
-        + " · ".join(f'<a href="{n}">{n}</a>' for n in ("config.yaml", "metrics.jsonl", "rollouts.jsonl", "summary.json", "trees.html") if (run.run_dir / n).exists())
+        + " · ".join(f'<a href="{n}">{n}</a>' for n in _RUN_FILES if (run.run_dir / n).exists())
         + "</p>",
         "<h2>Held-out accuracy</h2>",
         heldout_table(run),
@@ -183,7 +188,8 @@ def build_report(run_dir: str | Path, tokenizer: Any | None = None, trees_html: 
         series = {k: v for k, v in series.items() if v}
         if not series:
             cap = f"Not logged in this run. {cap}"
-        parts.append(f'<figure id="chart-{cid}">{line_chart(series, title, "training step", ylab, y_range=yr, chart_id=cid, x_range=xr)}<figcaption>{esc(cap)}</figcaption></figure>')
+        chart = line_chart(series, title, "training step", ylab, y_range=yr, chart_id=cid, x_range=xr)
+        parts.append(f'<figure id="chart-{cid}">{chart}<figcaption>{esc(cap)}</figcaption></figure>')
     tsvg, tcap = token_chart(run, scan, xr)
     parts.append(f'<figure id="chart-tokens">{tsvg}<figcaption>{esc(tcap)}</figcaption></figure>')
     parts.append("</div>")
@@ -213,7 +219,8 @@ def build_report(run_dir: str | Path, tokenizer: Any | None = None, trees_html: 
 
     parts.append("<h2>Config</h2>")
     parts.append(settings_table(run))
-    parts.append(f'<details open><summary>config.yaml</summary><pre id="config">{esc(run.config_text or "(no config.yaml)")}</pre></details>')
+    config = esc(run.config_text or "(no config.yaml)")
+    parts.append(f'<details open><summary>config.yaml</summary><pre id="config">{config}</pre></details>')
 
     path = run.run_dir / "report.html"
     atomic_write(path, page(f"report — {run.run_dir.name}", "\n".join(parts)))

@@ -43,7 +43,7 @@ class Run:
     @property
     def rho(self) -> float:
         """The probability-mask threshold (``train.prob_mask_rho``)."""
-        return float(self.get("train.prob_mask_rho", 0.9) or 0.9)
+        return _number(self.get("train.prob_mask_rho"), 0.9)
 
     @property
     def prob_mask_on(self) -> bool:
@@ -53,8 +53,7 @@ class Run:
     @property
     def cut_rho(self) -> float:
         """SPO-chain's cutpoint threshold (``spo.cutpoint_rho``, default the mask's rho)."""
-        v = self.get("spo.cutpoint_rho")
-        return self.rho if v is None else float(v)
+        return _number(self.get("spo.cutpoint_rho"), self.rho)
 
     def series(self, key: str) -> list[tuple[float, float | None]]:
         """``(step, value)`` of every metrics line that has ``key`` (None for NaN/inf)."""
@@ -74,31 +73,44 @@ class Run:
         return list(seen)
 
 
+def _number(v: Any, default: float) -> float:
+    """``v`` as a finite float, else ``default`` (a report never fails on a config value)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v:
+        return default
+    return float(v)
+
+
+def _text(path: Path) -> str:
+    """A file's text ('' if missing or unreadable; undecodable bytes replaced)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    except OSError:
+        return ""
+
+
+def _json(text: str) -> Any:
+    """The JSON value of ``text``, or None (invalid, or nested too deeply to read)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def load_run(run_dir: str | Path) -> Run:
+    """What is readable in ``run_dir``: anything malformed is left out, never an error (a
+    report of someone else's run must open)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: not a run directory")
-    cfg_path = run_dir / "config.yaml"
-    text = cfg_path.read_text(encoding="utf-8") if cfg_path.exists() else ""
+    text = _text(run_dir / "config.yaml")
     try:
-        config = yaml.safe_load(text) or {} if text else {}
-    except yaml.YAMLError:
+        config = yaml.safe_load(text) if text else {}
+    except (yaml.YAMLError, RecursionError, ValueError):
         config = {}
-    metrics = []
-    mp = run_dir / "metrics.jsonl"
-    if mp.exists():
-        for line in mp.read_text(encoding="utf-8").splitlines():
-            try:  # a run killed mid-write can leave a partial last line
-                metrics.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    summary = {}
-    sp = run_dir / "summary.json"
-    if sp.exists():
-        try:
-            summary = json.loads(sp.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            summary = {}
+    # a run killed mid-write can leave a partial last line; a line that is not an object is skipped
+    metrics = [m for m in map(_json, _text(run_dir / "metrics.jsonl").splitlines()) if isinstance(m, dict)]
+    summary = _json(_text(run_dir / "summary.json"))
+    summary = {k: v for k, v in summary.items() if isinstance(v, dict)} if isinstance(summary, dict) else {}
     return Run(run_dir, config if isinstance(config, dict) else {}, text, metrics, summary)
 
 
@@ -134,6 +146,67 @@ def tree_token_counts(t: RolloutTree) -> tuple[int, int]:
     return shared, indep
 
 
+def read_tree(line: str) -> RolloutTree | None:
+    """The tree of one ``rollouts.jsonl`` line, or None when the line is not a well-formed tree
+    (see :func:`check_tree`); ``row["step"]`` is made an int (0 when missing)."""
+    d = _json(line)
+    if not isinstance(d, dict):
+        return None
+    try:
+        t = RolloutTree.from_dict(d)
+        check_tree(t)
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
+        return None
+    step = t.row.get("step", 0)
+    t.row["step"] = int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) else 0
+    return t
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_tree(t: RolloutTree) -> None:
+    """``ValueError`` unless every field the report draws has its type: the group, depths,
+    parents and children are ints (children point back to their parent), token ids ints,
+    log-probs, rewards and values numbers, finish reasons strings, ``info`` a mapping whose
+    ``advantage``, ``spo_bounds`` and ``spo_values`` are numbers."""
+    if not _is_int(t.group) or not isinstance(t.row, dict) or t.nodes[0].depth != 0:
+        raise ValueError("bad group, row or root")
+    n = len(t.nodes)
+    for i, node in enumerate(t.nodes):
+        ok = (
+            _is_int(node.parent)
+            and _is_int(node.depth)
+            and isinstance(node.token_ids, list)
+            and all(_is_int(x) for x in node.token_ids)
+            and isinstance(node.logprobs, list)
+            and all(_is_real(x) for x in node.logprobs)
+            and (node.finish_reason is None or isinstance(node.finish_reason, str))
+            and (node.reward is None or _is_real(node.reward))
+            and (node.value is None or _is_real(node.value))
+            and isinstance(node.children, list)
+            and len(set(node.children)) == len(node.children)
+            and all(_is_int(c) and 0 < c < n and t.nodes[c].parent == i for c in node.children)
+            and isinstance(node.info, dict)
+        )
+        if not ok or not _info_ok(node.info):
+            raise ValueError(f"node {i}: a field of the wrong type")
+
+
+def _info_ok(info: dict) -> bool:
+    adv, bounds, vals = info.get("advantage"), info.get("spo_bounds"), info.get("spo_values")
+    return (
+        (adv is None or _is_real(adv))
+        and (bounds is None or (isinstance(bounds, list) and all(_is_int(b) for b in bounds)))
+        and (vals is None or (isinstance(vals, list) and all(v is None or _is_real(v) for v in vals)))
+    )
+
+
 def scan_rollouts(run_dir: str | Path, step: int | None = None, prompts: int = 4, stats: bool = True) -> RolloutScan:
     """One pass over ``rollouts.jsonl``: per-step token counts, the first ``prompts`` trees of
     ``step`` (default: the last step) and of the first step. Unreadable lines are skipped
@@ -144,16 +217,15 @@ def scan_rollouts(run_dir: str | Path, step: int | None = None, prompts: int = 4
         return out
     cur_step: int | None = None
     cur: list[RolloutTree] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
-            try:
-                t = RolloutTree.from_dict(json.loads(line))
-            except (ValueError, KeyError, TypeError):
+            t = read_tree(line)
+            if t is None:
                 out.bad_lines += 1
                 continue
-            s = int(t.row.get("step", 0)) if isinstance(t.row.get("step", 0), (int, float)) else 0
+            s = t.row["step"]
             if not out.steps or out.steps[-1] != s:
                 out.steps.append(s)
             if stats:

@@ -7,8 +7,8 @@ offline in any browser. Values are escaped here; callers pass plain text.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from html import escape
-from typing import Sequence
 
 #: line colours (colour-blind friendly, Okabe-Ito order)
 PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442")
@@ -80,14 +80,14 @@ def reward_color(r: float | None, lo: float = 0.0, hi: float = 1.0) -> str:
     for (t0, c0), (t1, c1) in zip(stops, stops[1:]):
         if t <= t1:
             u = (t - t0) / (t1 - t0)
-            return "#%02x%02x%02x" % tuple(round(a + (b - a) * u) for a, b in zip(c0, c1))
+            return "#{:02x}{:02x}{:02x}".format(*tuple(round(a + (b - a) * u) for a, b in zip(c0, c1)))
     return "#1a9850"
 
 
 def tint(color: str, amount: float = 0.6) -> str:
     """``color`` mixed with white (``amount`` = share of white): a fill text stays readable on."""
     r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
-    return "#%02x%02x%02x" % tuple(round(c + (255 - c) * amount) for c in (r, g, b))
+    return "#{:02x}{:02x}{:02x}".format(*tuple(round(c + (255 - c) * amount) for c in (r, g, b)))
 
 
 def legend_labels(names: Sequence[str]) -> list[str]:
@@ -99,6 +99,60 @@ def legend_labels(names: Sequence[str]) -> list[str]:
         if len(heads) == 1:
             names = [n.rsplit("/", 1)[1] for n in names]
     return [n if len(n) <= 34 else n[:33] + "…" for n in names]
+
+
+def _legend_spots(labels: Sequence[str], width: int, ml: int, mr: int, y: float) -> tuple[list[tuple[float, float]], float]:
+    """Where each legend entry goes (rows wrap at the chart's width), and the last row's y."""
+    spots, lx, ly = [], ml, y
+    for label in labels:
+        w = 14 + 6.2 * len(label)
+        if lx + w > width - mr and lx > ml:
+            lx, ly = ml, ly + 14
+        spots.append((lx, ly))
+        lx += w + 10
+    return spots, ly
+
+
+def _axes(xt, yt, X, Y, box: tuple[int, int, int, int], x_label: str, y_label: str) -> list[str]:
+    """Grid lines, the plot frame, tick labels and axis titles."""
+    ml, mt, pw, ph = box
+    out = ['<g class="grid" stroke="#e5e5e5">']
+    out += [f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}"/>' for t in yt]
+    out += [f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{mt}" y2="{mt + ph}"/>' for t in xt]
+    out.append("</g>")
+    out.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
+    out += [f'<text x="{ml - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" class="tick">{esc(fmt_num(t))}</text>' for t in yt]
+    out += [f'<text x="{X(t):.1f}" y="{mt + ph + 15}" text-anchor="middle" class="tick">{esc(fmt_num(t))}</text>' for t in xt]
+    out.append(f'<text x="{ml + pw / 2}" y="{mt + ph + 32}" text-anchor="middle" class="axis">{esc(x_label)}</text>')
+    out.append(f'<text transform="translate(14,{mt + ph / 2}) rotate(-90)" text-anchor="middle" class="axis">{esc(y_label)}</text>')
+    return out
+
+
+def _series(name: str, s: Sequence[tuple[float, float | None]], c: str, X, Y, x_label: str) -> list[str]:
+    """One series: its polylines (``None`` values split the line) and point markers."""
+    good = [(x, y) for x, y in s if y is not None and math.isfinite(y)]
+    segs, cur = [], []
+    for x, y in s:
+        if y is None or not math.isfinite(y):
+            if cur:
+                segs.append(cur)
+            cur = []
+        else:
+            cur.append((x, y))
+    if cur:
+        segs.append(cur)
+    out = [f'<g class="series" data-name="{esc(name)}" data-points="{len(good)}">']
+    for seg in segs:
+        d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in seg)
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{d}"/>')
+    r = 2.6 if len(good) <= 60 else 1.2  # markers stay visible but do not blot long runs
+    for x, y in good:
+        out.append(
+            f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="{r}" fill="{c}"><title>{esc(name)}, {esc(x_label)} '
+            f"{esc(fmt_num(x, 6))}: {esc(fmt_num(y, 4))}</title></circle>"
+        )
+    out.append("</g>")
+    return out
 
 
 def line_chart(
@@ -124,14 +178,8 @@ def line_chart(
     pw, ph = width - ml - mr, height - mt - mb
     # legend rows under the x-axis label, laid out first: the chart grows to fit them
     labels = legend_labels(list(series))
-    spots, lx, ly = [], ml, mt + ph + 50
-    for label in labels:
-        w = 14 + 6.2 * len(label)
-        if lx + w > width - mr and lx > ml:
-            lx, ly = ml, ly + 14
-        spots.append((lx, ly))
-        lx += w + 10
-    height = max(height, ly + 8)
+    spots, last_row = _legend_spots(labels, width, ml, mr, mt + ph + 50)
+    height = max(height, last_row + 8)
     pts = [(x, y) for s in series.values() for x, y in s if y is not None and math.isfinite(y)]
     out = [
         f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" style="width:100%;height:auto" '
@@ -157,42 +205,10 @@ def line_chart(
     def Y(y: float) -> float:
         return mt + ph - (y - y0) / ((y1 - y0) or 1) * ph
 
-    out.append('<g class="grid" stroke="#e5e5e5">')
-    for t in yt:
-        out.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}"/>')
-    for t in xt:
-        out.append(f'<line x1="{X(t):.1f}" x2="{X(t):.1f}" y1="{mt}" y2="{mt + ph}"/>')
-    out.append("</g>")
-    out.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
-    for t in yt:
-        out.append(f'<text x="{ml - 6}" y="{Y(t) + 4:.1f}" text-anchor="end" class="tick">{esc(fmt_num(t))}</text>')
-    for t in xt:
-        out.append(f'<text x="{X(t):.1f}" y="{mt + ph + 15}" text-anchor="middle" class="tick">{esc(fmt_num(t))}</text>')
-    out.append(f'<text x="{ml + pw / 2}" y="{mt + ph + 32}" text-anchor="middle" class="axis">{esc(x_label)}</text>')
-    out.append(
-        f'<text transform="translate(14,{mt + ph / 2}) rotate(-90)" text-anchor="middle" class="axis">{esc(y_label)}</text>'
-    )
+    out += _axes(xt, yt, X, Y, (ml, mt, pw, ph), x_label, y_label)
     for i, ((name, s), label, (lx, ly)) in enumerate(zip(series.items(), labels, spots)):
         c = PALETTE[i % len(PALETTE)]
-        good = [(x, y) for x, y in s if y is not None and math.isfinite(y)]
-        segs, cur = [], []
-        for x, y in s:  # gaps (None) split the line
-            if y is None or not math.isfinite(y):
-                if cur:
-                    segs.append(cur)
-                cur = []
-            else:
-                cur.append((x, y))
-        if cur:
-            segs.append(cur)
-        out.append(f'<g class="series" data-name="{esc(name)}" data-points="{len(good)}">')
-        for seg in segs:
-            d = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in seg)
-            out.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{d}"/>')
-        r = 2.6 if len(good) <= 60 else 1.2  # markers stay visible but do not blot long runs
-        for x, y in good:
-            out.append(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="{r}" fill="{c}"><title>{esc(name)}, {esc(x_label)} {esc(fmt_num(x, 6))}: {esc(fmt_num(y, 4))}</title></circle>')
-        out.append("</g>")
+        out += _series(name, s, c, X, Y, x_label)
         out.append(f'<rect x="{lx}" y="{ly - 7}" width="10" height="3" fill="{c}"/>')
         out.append(f'<text x="{lx + 14}" y="{ly - 2}" class="legend">{esc(label)}</text>')
     out.append("</svg>")
@@ -203,7 +219,8 @@ def color_bar(lo: float, hi: float, label: str, width: int = 220) -> str:
     """A small horizontal legend of :func:`reward_color` from ``lo`` to ``hi``."""
     n = 24
     cells = "".join(
-        f'<rect x="{8 + i * (width - 16) / n:.1f}" y="4" width="{(width - 16) / n + 0.5:.1f}" height="10" fill="{reward_color(lo + (hi - lo) * i / (n - 1), lo, hi)}"/>'
+        f'<rect x="{8 + i * (width - 16) / n:.1f}" y="4" width="{(width - 16) / n + 0.5:.1f}" height="10" '
+        f'fill="{reward_color(lo + (hi - lo) * i / (n - 1), lo, hi)}"/>'
         for i in range(n)
     )
     return (

@@ -8,8 +8,9 @@ one the ids themselves are shown, so a report never fails for want of a tokenize
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 class Detok:

@@ -18,9 +18,10 @@ segments that start at a cut point), so tests and scripts can query the drawing.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..tree import NodeInfo, RolloutTree
 from .layout import Layout, tidy_layout
@@ -89,7 +90,7 @@ def node_facts(tree: RolloutTree, rho: float, detok: Detok) -> list[NodeFacts]:
     cuts = chain_cuts(tree)
     out = []
     for i, n in enumerate(tree.nodes):
-        probs = [math.exp(lp) for lp in n.logprobs]
+        probs = [math.exp(min(lp, 0.0)) for lp in n.logprobs]  # a log-prob is <= 0 (no overflow on a bad file)
         low = [p < rho for p in probs]
         pieces = [(detok.piece(t), lo) for t, lo in zip(n.token_ids, low)] if i else [(detok.piece(t), False) for t in n.token_ids]
         value, der = n.value, False
@@ -163,14 +164,19 @@ def _hover(i: int, n, f: NodeFacts, rho: float) -> str:
     return "\n".join(lines)
 
 
-def _short(v: Any) -> str:
+def _short(v: Any, depth: int = 0) -> str:
+    """A node-info value for the hover text: floats short, long lists cut, deep nesting elided."""
     if isinstance(v, float):
         return fmt_num(v, 4)
+    if isinstance(v, (list, dict)) and depth >= 4:
+        return "…"
     if isinstance(v, list):
-        return "[" + ", ".join(_short(x) for x in v[:12]) + (", …" if len(v) > 12 else "") + "]"
+        return "[" + ", ".join(_short(x, depth + 1) for x in v[:12]) + (", …" if len(v) > 12 else "") + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
-    return str(v)
+        items = list(v.items())
+        return "{" + ", ".join(f"{k}: {_short(x, depth + 1)}" for k, x in items[:12]) + (", …" if len(items) > 12 else "") + "}"
+    s = str(v)
+    return s if len(s) <= 200 else s[:200] + "…"
 
 
 def _facts_line(i: int, n, f: NodeFacts, tree: RolloutTree) -> str:
@@ -206,7 +212,8 @@ def tree_svg(tree: RolloutTree, rho: float, detok: Detok, rlo: float = 0.0, rhi:
     out = [
         f'<svg class="tree-svg" id="{esc(tree_id)}" xmlns="http://www.w3.org/2000/svg" width="{W:.0f}" height="{H:.0f}" '
         f'viewBox="0 0 {W:.0f} {H:.0f}" data-nodes="{len(tree)}" data-leaves="{n_leaves}" '
-        f'data-trajectories="{len(tree.leaves(include_mc=False))}" data-group="{tree.group}" data-step="{esc(tree.row.get("step", ""))}">',
+        f'data-trajectories="{len(tree.leaves(include_mc=False))}" data-group="{esc(tree.group)}" '
+        f'data-step="{esc(tree.row.get("step", ""))}">',
         f'<g transform="translate({PAD},{PAD})">',
         '<g class="edges">',
     ]
@@ -226,17 +233,19 @@ def tree_svg(tree: RolloutTree, rho: float, detok: Detok, rlo: float = 0.0, rhi:
         mc = bool(n.info.get(NodeInfo.MC))
         cls = "node" + (" root" if i == 0 else "") + (" leaf" if leaf else "") + (" mc" if mc else "")
         attrs = (
-            f'class="{cls}" data-node="{i}" data-depth="{n.depth}" data-reward="{"" if n.reward is None else f"{n.reward:.6g}"}" '
-            f'data-value="{"" if f.value is None else f"{f.value:.6g}"}" data-advantage="{"" if f.advantage is None else f"{f.advantage:.6g}"}" '
+            f'class="{cls}" data-node="{i}" data-depth="{esc(n.depth)}" data-reward="{"" if n.reward is None else f"{n.reward:.6g}"}" '
+            f'data-value="{"" if f.value is None else f"{f.value:.6g}"}" '
+            f'data-advantage="{"" if f.advantage is None else f"{f.advantage:.6g}"}" '
             f'data-finish="{esc(n.finish_reason or "")}" data-mask-coverage="{"" if f.coverage is None else f"{f.coverage:.4g}"}"'
         )
         if f.cut is not None:
-            attrs += f' data-cut="{f.cut[0]}"'
+            attrs += f' data-cut="{esc(f.cut[0])}"'
         x, y = lay.x[i], lay.y[i]
         title = f"<title>{esc(_hover(i, n, f, rho))}</title>"
         if mc:  # a dot: K of these hang off every boundary node
             c = reward_color(n.reward, rlo, rhi)
-            out.append(f'<g {attrs} transform="translate({x:.1f},{y:.1f})">{title}<circle cx="5" cy="0" r="4" fill="{c}" stroke="#555" stroke-width="0.6"/></g>')
+            dot = f'<circle cx="5" cy="0" r="4" fill="{c}" stroke="#555" stroke-width="0.6"/>'
+            out.append(f'<g {attrs} transform="translate({x:.1f},{y:.1f})">{title}{dot}</g>')
             continue
         if leaf:
             c = reward_color(n.reward, rlo, rhi)
@@ -251,7 +260,7 @@ def tree_svg(tree: RolloutTree, rho: float, detok: Detok, rlo: float = 0.0, rhi:
         if f.cut is not None:
             body.append(f'<rect x="-3" y="{-BOX_H / 2 - 2}" width="4" height="{BOX_H + 4}" fill="#d00"/>')
         body.append(f'<text x="8" y="-3" class="seg" xml:space="preserve" style="white-space:pre">{_label(f.pieces, TEXT_CHARS)}</text>')
-        cut = f'<tspan class="cut">✂{f.cut[0]} </tspan>' if f.cut is not None else ""
+        cut = f'<tspan class="cut">✂{esc(f.cut[0])} </tspan>' if f.cut is not None else ""
         body.append(f'<text x="8" y="11" class="meta">{cut}{esc(_facts_line(i, n, f, tree))}</text>')
         out.append(f'<g {attrs} transform="translate({x:.1f},{y:.1f})">{title}{"".join(body)}</g>')
     out.append("</g></svg>")
@@ -269,7 +278,8 @@ def legend(run: Run, rlo: float, rhi: float) -> str:
     ]
     if run.algo == "spo_chain":
         parts.append(
-            f'<span><span class="swatch" style="background:#d00"></span>SPO-chain cut point (a segment opens at a token with p &lt; {run.cut_rho:g}); '
+            '<span><span class="swatch" style="background:#d00"></span>'
+            f"SPO-chain cut point (a segment opens at a token with p &lt; {run.cut_rho:g}); "
             "the node before it shows the boundary's Monte-Carlo value V; dots = MC continuations</span>"
         )
     parts.append("<span>hover a node for its full text and numbers</span>")
@@ -285,7 +295,7 @@ def tree_block(tree: RolloutTree, run: Run, detok: Detok, rlo: float, rhi: float
     prompt_text = prompt if isinstance(prompt, str) else detok.text(tree.prompt_ids())
     mc = len(tree.leaves()) - len(leaves)
     facts = [
-        f"step {esc(tree.row.get('step', '?'))}",
+        f"step {tree.row.get('step', '?')}",
         f"group {tree.group}",
         f"{len(tree)} nodes",
         f"{len(leaves)} trajectories" + (f" + {mc} MC continuations" if mc else ""),
@@ -346,7 +356,7 @@ def write_tree_view(run: Run, scan: RolloutScan, detok: Detok, path: Path, reque
             why = f"no trees saved for step {requested_step}"
         body = head + f'<p class="note">{esc(why)}</p>'
     else:
-        toc = " · ".join(f'<a href="#sec-tree{k}">group {t.group}</a>' for k, t in enumerate(trees))
+        toc = " · ".join(f'<a href="#sec-tree{k}">group {esc(t.group)}</a>' for k, t in enumerate(trees))
         body = head + legend(run, rlo, rhi) + f'<p class="note">{toc}</p>' + "".join(
             tree_block(t, run, detok, rlo, rhi, f"tree{k}") for k, t in enumerate(trees)
         )

@@ -1,11 +1,8 @@
 """Final-answer extraction and math answer grading (math-verify) with hard timeouts.
 
-Extraction:
-
-* :func:`extract_gsm8k_answer`: GSM8K's ``#### <answer>`` convention.
-* :func:`extract_boxed`: the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced
-  braces), or ``\\boxed 5``.
-* :func:`extract_gsm8k_prediction`: lenient GSM8K answer extraction from a model completion.
+Extraction (:func:`extract_gsm8k_answer`, :func:`extract_boxed`, :func:`extract_gsm8k_prediction`,
+:func:`extract_final_answer`, :func:`completion_text`) lives in :mod:`segrl.rewards.extract`
+and is re-exported here.
 
 Grading: :func:`grade` / :func:`grade_batch` decide whether a predicted answer equals a gold
 answer, with `math-verify <https://github.com/huggingface/Math-Verify>`_ (symbolic and numeric
@@ -13,7 +10,7 @@ equivalence: ``\\boxed{\\frac{1}{2}}`` equals ``0.5``).
 
 math-verify's own timeout uses ``signal.alarm`` and only works in the main thread of the main
 interpreter; sympy can also hang on adversarial answers (``10^{10^{10}}``). So grading runs in a
-small persistent worker process (:class:`segrl.rewards.combine.CallWorker`) with math-verify's
+small persistent worker process (:class:`segrl.rewards.workers.CallWorker`) with math-verify's
 timeouts disabled:
 
 * a ``SIGALRM`` timer inside the worker interrupts a comparison at ``timeout_s`` (the worker
@@ -40,10 +37,18 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any
 
-from segrl.rewards.combine import CallWorker
+from segrl.rewards.extract import (
+    completion_text,
+    extract_boxed,
+    extract_final_answer,
+    extract_gsm8k_answer,
+    extract_gsm8k_prediction,
+)
+from segrl.rewards.workers import CallWorker
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -64,123 +69,6 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 5.0
-
-# ----------------------------------------------------------------------------------------------
-# Extraction
-# ----------------------------------------------------------------------------------------------
-
-
-def extract_gsm8k_answer(text: str | None) -> str | None:
-    """The answer after the last ``####``: its first non-empty line, stripped, commas removed.
-
-    ``"... #### 1,234"`` -> ``"1234"``. ``None`` when there is no ``####`` or nothing after it.
-    """
-    if not text or "####" not in text:
-        return None
-    rest = text.rsplit("####", 1)[1]
-    for line in rest.splitlines():
-        line = line.strip()
-        if line:
-            return line.replace(",", "")
-    return None
-
-
-_BOX_CMDS = ("\\boxed", "\\fbox")
-
-
-def extract_boxed(text: str | None) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` (nested braces handled, escaped
-    ``\\{``/``\\}`` ignored), or the token after ``\\boxed 5``. ``None`` if there is none or the
-    last one is unbalanced (e.g. a truncated completion)."""
-    if not text:
-        return None
-    idx, cmd = -1, ""
-    for c in _BOX_CMDS:
-        k = text.rfind(c)
-        if k > idx:
-            idx, cmd = k, c
-    if idx < 0:
-        return None
-    j = idx + len(cmd)
-    k = j
-    while k < len(text) and text[k] in " \t":
-        k += 1
-    if k < len(text) and text[k] == "{":
-        depth = 0
-        m = k
-        while m < len(text):
-            ch = text[m]
-            if ch == "\\":
-                m += 2
-                continue
-            if ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[k + 1 : m]
-            m += 1
-        return None
-    if k > j:  # "\boxed 5"
-        mt = re.match(r"[^\s$]+", text[k:])
-        if mt:
-            return mt.group(0).rstrip(".")
-    return None
-
-
-_ANSWER_IS = re.compile(r"answer\s+is\s*[:=]?\s*\\?\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_gsm8k_prediction(text: str | None) -> str | None:
-    """Lenient final-answer extraction for GSM8K-style completions, in this order:
-
-    1. ``#### <answer>`` (:func:`extract_gsm8k_answer`);
-    2. the last ``\\boxed{...}``;
-    3. the last "answer is <number>";
-    4. the last number in the text.
-
-    Commas are removed from numbers. ``None`` if nothing is found.
-    """
-    if not text:
-        return None
-    a = extract_gsm8k_answer(text)
-    if a:
-        return a
-    b = extract_boxed(text)
-    if b:
-        return b
-    ms = _ANSWER_IS.findall(text)
-    if ms:
-        return ms[-1].replace(",", "")
-    nums = _NUMBER.findall(text)
-    if nums:
-        return nums[-1].replace(",", "")
-    return None
-
-
-def completion_text(completion: Any) -> str:
-    """Text of a TRL completion: a string, or a conversational list of messages (the contents of
-    the assistant messages are joined), or one message dict."""
-    if completion is None:
-        return ""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        c = completion.get("content", "")
-        return c if isinstance(c, str) else str(c)
-    if isinstance(completion, (list, tuple)):
-        parts = []
-        for m in completion:
-            if isinstance(m, dict):
-                if m.get("role", "assistant") == "assistant":
-                    c = m.get("content", "")
-                    parts.append(c if isinstance(c, str) else str(c))
-            else:
-                parts.append(str(m))
-        return "\n".join(parts)
-    return str(completion)
-
 
 # ----------------------------------------------------------------------------------------------
 # Fast path for plain numbers
@@ -313,7 +201,7 @@ class MathGrader:
 
     Args:
         timeout_s: per-comparison deadline (seconds).
-        start_method: see :class:`segrl.rewards.combine.CallWorker` (``"auto"`` starts a fresh
+        start_method: see :class:`segrl.rewards.workers.CallWorker` (``"auto"`` starts a fresh
             interpreter; ``"inline"`` grades in-process, with timeouts only in the main thread).
 
     ``stats`` counts ``graded`` pairs, ``fast_path`` decisions, ``worker`` comparisons,
@@ -330,7 +218,7 @@ class MathGrader:
         self._stats_lock = threading.Lock()
         self.stats = {"graded": 0, "fast_path": 0, "worker": 0, "timeouts": 0, "errors": 0}
 
-    def start(self, wait: bool = True) -> "MathGrader":
+    def start(self, wait: bool = True) -> MathGrader:
         """Start the worker now instead of on first use."""
         self._worker.start(wait=wait)
         return self
@@ -387,7 +275,7 @@ class MathGrader:
         """Stop the worker process (idempotent)."""
         self._worker.close()
 
-    def __enter__(self) -> "MathGrader":
+    def __enter__(self) -> MathGrader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -481,32 +369,6 @@ def math_accuracy(prompts: Sequence[Any], completions: Sequence[Any], answer: Se
         preds.append(None if b is None or not b.strip() else "\\boxed{" + b + "}")
     golds = ["" if a is None else str(a) for a in answer]
     return [1.0 if ok else 0.0 for ok in grade_batch(preds, golds)]
-
-
-_ANSWER_LINE = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*(.+)", re.IGNORECASE)
-
-
-def extract_final_answer(text: str | None) -> str | None:
-    """Generic final-answer extraction, in this order: the last ``\\boxed{}``; ``#### X``; the
-    rest of the last line containing "answer is X" / "answer: X" (trailing ``.`` and ``$``
-    removed); the last number. ``None`` if nothing is found."""
-    if not text:
-        return None
-    b = extract_boxed(text)
-    if b is not None and b.strip():
-        return b.strip()
-    a = extract_gsm8k_answer(text)
-    if a:
-        return a
-    ms = _ANSWER_LINE.findall(text)
-    if ms:
-        ans = ms[-1].strip().rstrip(".").strip().strip("$").strip()
-        if ans:
-            return ans
-    nums = _NUMBER.findall(text)
-    if nums:
-        return nums[-1].replace(",", "")
-    return None
 
 
 def _norm_text(s: str) -> str:

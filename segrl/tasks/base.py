@@ -7,8 +7,9 @@ where ``columns`` holds every other dataset column as a list aligned with ``prom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 RewardFunc = Callable[..., list]
 

@@ -11,7 +11,7 @@ give partial credit). The task:
 * rows: ``{"prompt", "answer", "id", "question", "rg_index"}``; ``prompt`` is
   :data:`RG_TEMPLATE` with the question inserted at ``{question}``; ``id`` is
   ``"<name>-<seed>-<index>"``; ``rg_index`` is the entry's index in the generated data set;
-* split: the generated entries are split with :func:`segrl.tasks.math_datasets.split_rows`
+* split: the generated entries are split with :func:`segrl.tasks.rows.split_rows`
   (``test_fraction`` of them, chosen by hash of the id, are the test part);
 * grading: :class:`ReasoningGymScorer` extracts the text inside the last
   ``<answer>...</answer>`` (an unclosed final ``<answer>`` also counts, for engines that drop
@@ -22,13 +22,15 @@ give partial credit). The task:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from segrl.rewards.math_grading import completion_text
 from segrl.tasks.base import Task
-from segrl.tasks.math_datasets import format_prompt, split_rows
+from segrl.tasks.rows import format_prompt, split_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,16 @@ def _import_rg():
             "reasoning_gym_task needs the optional package reasoning-gym: pip install 'segrl[reasoning-gym]'"
         ) from e
     return reasoning_gym
+
+
+def _check_name(rg, name: str) -> None:
+    """``LookupError`` naming the closest data sets when reasoning-gym has no ``name``."""
+    known = getattr(getattr(rg, "factory", None), "DATASETS", None)
+    if not isinstance(known, dict) or name in known:
+        return
+    close = difflib.get_close_matches(name, list(known), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"it has {len(known)}, e.g. {', '.join(sorted(known)[:5])}"
+    raise LookupError(f"reasoning-gym has no data set {name!r} ({hint})")
 
 
 def extract_tagged_answer(text: str | None, tag: str = "answer") -> str | None:
@@ -70,7 +82,7 @@ class ReasoningGymScorer:
     scores with the reasoning-gym data set's own ``score_answer``.
 
     Picklable (pickles as its arguments and regenerates the data set), so it can run in a
-    :class:`segrl.rewards.combine.RewardComputer` worker process.
+    :class:`segrl.rewards.computer.RewardComputer` worker process.
     """
 
     def __init__(
@@ -161,12 +173,14 @@ def reasoning_gym_task(
         seed: generation seed.
         config: extra keyword arguments for ``reasoning_gym.create_dataset`` (difficulty etc.).
         template: prompt template with ``{question}`` (default :data:`RG_TEMPLATE`).
-        test_fraction, split_seed: see :func:`segrl.tasks.math_datasets.split_rows`.
+        test_fraction, split_seed: see :func:`segrl.tasks.rows.split_rows`.
         partial_credit: keep reasoning-gym's fractional scores instead of 1.0/0.0.
 
-    Raises ``ImportError`` with install instructions if reasoning-gym is not installed.
+    Raises ``ImportError`` with install instructions if reasoning-gym is not installed, and
+    ``LookupError`` naming the closest names if it has no data set ``name``.
     """
     rg = _import_rg()
+    _check_name(rg, name)
     ds = rg.create_dataset(name, size=size, seed=seed, **(config or {}))
     rows = []
     for i in range(len(ds)):

@@ -38,6 +38,7 @@ class Scorer:
             weights=weights,
             timeout_s=data_cfg.reward_timeout,
             max_error_fraction=data_cfg.max_reward_error_fraction,
+            memory_mb=data_cfg.reward_memory_mb or None,
         )
         self.tokenizer = tokenizer
 

@@ -86,6 +86,11 @@ class Trainer:
         # own slice of the prompts (segrl.distributed)
         self.dist = segrl_dist.setup(cfg.distributed.backend, cfg.distributed.strategy, cfg.model.device)
         cfg.model.device = segrl_dist.rank_device(cfg.model.device, self.dist)
+        if task is None:  # before the model: bad data fails fast, with nothing loaded or written
+            from ..tasks.registry import load_task
+
+            task = load_task(cfg.data)
+        self.task = task
         if model is None:
             from ..models.loading import load_model_and_tokenizer
 
@@ -95,11 +100,6 @@ class Trainer:
 
             model = apply_lora(model, cfg.lora)
         self.model, self.tokenizer = model, tokenizer
-        if task is None:
-            from ..tasks.registry import load_task
-
-            task = load_task(cfg.data)
-        self.task = task
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = Path(run_dir or cfg.log.output_dir or f"runs/{cfg.train.algo}-{stamp}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
