@@ -134,7 +134,9 @@ def cmd_eval(args, rest) -> int:
         max_new_tokens=cfg.sampling.max_completion_length,
         top_p=cfg.sampling.top_p,
         seed=cfg.train.seed,
+        max_batch_size=cfg.sampling.max_batch_size,
         sampler=sampler,
+        cfg=cfg,
     )
     for k, v in res.as_metrics("").items():
         print(f"{k}: {v:.4f}")

@@ -33,8 +33,9 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -222,10 +223,9 @@ class CascadeEngine(Engine):
 
     Cached states are :class:`CascadeState` objects whose KV lives in pools owned by the
     engine (one per block level, one for private tails), reused across calls. A node inside
-    a longer cached path is prefilled when extended, not cropped out of it implicitly (so
-    SPO-chain keeps :class:`Engine`); :meth:`cache_prefix` crops one explicitly (TreePO's
-    fallback points). :meth:`from_engine` gives a view of an existing engine
-    (same model, generator and counters).
+    a longer cached path (an SPO-chain boundary) gets a crop of it, copied into a private
+    tail, where the crop lies past the level-0 context; :meth:`cache_prefix` crops one
+    explicitly (TreePO's fallback points).
     """
 
     #: A state continued by several rows becomes a shared block only if its tail has at least
@@ -256,19 +256,6 @@ class CascadeEngine(Engine):
         self._tails = KVPool(*self._pool_args)
         self._consume = True
 
-    @classmethod
-    def from_engine(cls, engine: Engine) -> "CascadeEngine":
-        """A cascade engine that shares ``engine``'s model, sampling, generator and stats."""
-        new = cls(engine.model, engine.tokenizer, engine.params, engine.max_batch_size, eos_token_ids=sorted(engine.eos_token_ids))
-        new.sync(engine)
-        return new
-
-    def sync(self, engine: Engine) -> None:
-        """Take ``engine``'s sampling settings, generator and counters (for a cached view)."""
-        self.params, self.max_batch_size, self.eos_token_ids = engine.params, engine.max_batch_size, engine.eos_token_ids
-        self.generator, self.stats, self._stop_candidate = engine.generator, engine.stats, engine._stop_candidate
-        self._max_stop_chars = engine._max_stop_chars
-
     def _pool(self, level: int) -> KVPool:
         while len(self._levels) <= level:
             self._levels.append(KVPool(*self._pool_args))
@@ -282,9 +269,6 @@ class CascadeEngine(Engine):
 
     def _rows_per_decode(self) -> int:
         return sys.maxsize  # one call; it keeps <= max_batch_size rows decoding (continuous batching)
-
-    def _lookup(self, tree, node):
-        return tree.kv.get(node)  # no implicit crops of longer states (see cache_prefix)
 
     def _crop(self, state: CascadeState, positions: int) -> CascadeState | None:
         """The first ``positions`` positions of ``state``: its level-0 block, its level-1 block
@@ -356,7 +340,8 @@ class CascadeEngine(Engine):
             uses[id(st)] = uses.get(id(st), 0) + 1
         empty = CascadeState(())
         states = [st if st is not None else empty for _, st, _ in rows]
-        forks = list({id(cs): cs for cs in states if uses[id(cs)] > 1 and cs.own_len >= self.fork_min_tokens and cs._forked is None}.values())
+        fork = [cs for cs in states if uses[id(cs)] > 1 and cs.own_len >= self.fork_min_tokens and cs._forked is None]
+        forks = list({id(cs): cs for cs in fork}.values())
         self._fork(forks)
         chains: list[tuple[Block, ...]] = []
         slots: list[Slot | None] = [None] * B
@@ -424,7 +409,7 @@ class CascadeEngine(Engine):
             buf = (lo, len(alive))  # the private attention runs over tail-pool rows [lo, lo + n)
             while alive:
                 logits = self._step(inp, pos, trow.to(self.device), buf, levels, plan)
-                tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator, order)
+                tok, lp = sample_tokens(logits.cpu(), prm.temperature, prm.top_p, prm.top_k, self.device_generator, order)
                 self.stats.forward_calls += 1
                 self.stats.decode_tokens += len(alive)
                 tails.lens[trow] += 1

@@ -19,60 +19,20 @@ Counters in :attr:`Engine.stats` show what was prefilled and decoded.
 
 from __future__ import annotations
 
-import gc
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from ..tree import FinishReason, RolloutTree
+from .base import EngineBase, EngineStats, NodeRef, SamplingParams, default_eos_ids, gc_paused, per_ref
 from .sampling import sample_tokens
+
+__all__ = ["Engine", "EngineStats", "NodeRef", "SamplingParams", "prefill_groups"]
 
 # A cached state: per layer (keys [H, T, D], values [H, T, D]) for T = path length - 1.
 KVState = list[tuple[torch.Tensor, torch.Tensor]]
-NodeRef = tuple[RolloutTree, int]
-
-
-@dataclass
-class EngineStats:
-    """Work counters (cumulative; :meth:`Engine.reset_stats` clears them)."""
-
-    prefill_tokens: int = 0  # tokens run through the model to rebuild a context
-    decode_tokens: int = 0  # tokens sampled
-    forward_calls: int = 0
-    extend_calls: int = 0
-    kv_crops: int = 0  # states taken from a longer cached path (no recompute)
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class SamplingParams:
-    """How tokens are drawn (TRL's generation names)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_strings: Sequence[str] = field(default_factory=tuple)
-
-
-@contextmanager
-def _gc_paused():
-    """Pause Python's cyclic garbage collector (the decode loop makes no reference cycles).
-
-    A decode call creates many small objects (token lists, tensor views), and each
-    generation-0 threshold crossing then walks every tracked object, trees included: ~7% of
-    a TreePO sampling run on the embedded model went to collections that found nothing."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+_gc_paused = gc_paused  # the name samplers imported before the contract moved to engine.base
 
 
 def prefill_groups(lengths: Sequence[int], max_rows: int, call_tokens: int) -> list[list[int]]:
@@ -99,15 +59,15 @@ def prefill_groups(lengths: Sequence[int], max_rows: int, call_tokens: int) -> l
     return groups[::-1]
 
 
-class Engine:
-    """Batched sampler that grows rollout trees from cached prefixes.
+class Engine(EngineBase):
+    """Batched sampler that grows rollout trees from cached prefixes (:class:`~segrl.engine.base.RolloutEngine`).
 
     Args:
         model: a transformers causal LM (any architecture whose cache is a ``DynamicCache``).
         tokenizer: its tokenizer (EOS and stop-string decoding).
         params: sampling parameters.
         max_batch_size: rows decoded together; more rows are split into chunks.
-        seed: seed of the engine's own random generator (sampling is reproducible and its
+        seed: seed of the engine's random generators (sampling is reproducible and their
             state is checkpointed with :meth:`state_dict`).
         eos_token_ids: ids that end a sequence (default: the tokenizer's/model's EOS).
     """
@@ -125,46 +85,16 @@ class Engine:
         seed: int = 0,
         eos_token_ids: Sequence[int] | None = None,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.params = params or SamplingParams()
-        self.max_batch_size = max_batch_size
-        self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
         if eos_token_ids is None:
-            eos = getattr(model.generation_config, "eos_token_id", None)
-            if eos is None:
-                eos = tokenizer.eos_token_id
-            eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_token_ids = set(int(e) for e in eos_token_ids)
-        self.stats = EngineStats()
+            eos_token_ids = default_eos_ids(model, tokenizer)
+        super().__init__(tokenizer, params, max_batch_size, seed, eos_token_ids, next(model.parameters()).device)
+        self.model = model
         self._max_stop_chars = max((len(s) for s in self.params.stop_strings), default=0)
         self._stop_candidate: dict[int, bool] = {}
 
-    # ----- state ----------------------------------------------------------------------
-    def reset_stats(self) -> EngineStats:
-        old, self.stats = self.stats, EngineStats()
-        return old
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-    @staticmethod
-    def release(trees: Sequence[RolloutTree]) -> None:
-        """Free every cached KV state held by these trees."""
-        for t in trees:
-            t.kv.clear()
-
     # ----- public API -----------------------------------------------------------------
-    def new_trees(self, prompts_ids: Sequence[Sequence[int]], rows=None) -> list[RolloutTree]:
-        rows = rows if rows is not None else [None] * len(prompts_ids)
-        return [RolloutTree(list(p), group=i, row=r) for i, (p, r) in enumerate(zip(prompts_ids, rows))]
-
     @torch.no_grad()
-    @_gc_paused()
+    @gc_paused()
     def extend(
         self,
         refs: Sequence[NodeRef],
@@ -192,10 +122,7 @@ class Engine:
             whether that means truncation).
         """
         n = len(refs)
-        lims = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        kids = [num_children] * n if isinstance(num_children, int) else list(num_children)
-        if len(lims) != n or len(kids) != n:
-            raise ValueError("max_new_tokens / num_children must be scalars or one per ref")
+        lims, kids = per_ref(refs, max_new_tokens, num_children)
         self.stats.extend_calls += 1
         self.model.eval()
         states = self._states([r for r, k in zip(refs, kids) if k > 0])
@@ -256,8 +183,10 @@ class Engine:
         want = tree.path_len(node) - 1
         for d in tree.subtree(node)[1:]:
             if d in tree.kv:
-                self.stats.kv_crops += 1
-                return self._crop(tree.kv[d], want)
+                st = self._crop(tree.kv[d], want)
+                if st is not None:
+                    self.stats.kv_crops += 1
+                    return st
         return None
 
     def _crop(self, state: KVState, positions: int) -> KVState | None:
@@ -375,13 +304,13 @@ class Engine:
         kvs: list[KVState | None] = [None] * B
         alive = list(range(B))  # original row index of each live batch row
         prm = self.params
-        for step in range(max(limits)):
+        for _ in range(max(limits)):
             mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype)], dim=1)
             out = self._forward(
                 inp[:, None].to(self.device), mask.to(self.device), pos[:, None].to(self.device), cache
             )
             cache = out.cache
-            tok, lp = sample_tokens(out.logits[:, -1].cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
+            tok, lp = sample_tokens(out.logits[:, -1].cpu(), prm.temperature, prm.top_p, prm.top_k, self.device_generator)
             self.stats.decode_tokens += len(alive)
             keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)
             for b, r in ended:

@@ -30,7 +30,9 @@ def row_index(rows: list[int], device=None) -> torch.Tensor | slice:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
-def copy_positions(dst: torch.Tensor, dst_rows: torch.Tensor | slice, src: torch.Tensor, src_rows: torch.Tensor | slice, n: int, at: int = 0) -> None:
+def copy_positions(
+    dst: torch.Tensor, dst_rows: torch.Tensor | slice, src: torch.Tensor, src_rows: torch.Tensor | slice, n: int, at: int = 0
+) -> None:
     """``dst[dst_rows, :, at:at+n] = src[src_rows, :, :n]`` for ``[rows, H, positions, D]``
     stores; rows as index tensors or slices (:func:`row_index`). Indexed rows use
     ``index_select`` + ``index_copy_`` on the position slices (~3.5x faster on CPU than

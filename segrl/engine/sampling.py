@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-
 #: Logit gaps below the row's maximum are floored here before ``exp``: an LM's logits span
 #: far more than 87 nats, and exp's denormal results (gaps beyond ~87) are much slower on
 #: x86 CPUs (256 rows x 49k logits of spread 30: 184 ms plain, 45 ms floored). A floored

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..engine.hf_engine import Engine
+from ..engine.base import RolloutEngine, release
 from ..tree import FinishReason, RolloutTree
 
 
-def sample_groups(engine: Engine, trees: Sequence[RolloutTree], n: int, max_new_tokens: int) -> None:
+def sample_groups(engine: RolloutEngine, trees: Sequence[RolloutTree], n: int, max_new_tokens: int) -> None:
     """Grow ``n`` leaves of up to ``max_new_tokens`` tokens under each root, in one engine call.
 
     Leaves that hit the token limit are marked ``length`` (truncated).
@@ -21,4 +21,4 @@ def sample_groups(engine: Engine, trees: Sequence[RolloutTree], n: int, max_new_
         for leaf in t.leaves():
             if t[leaf].finish_reason == FinishReason.SEGMENT:
                 t[leaf].finish_reason = FinishReason.LENGTH
-    Engine.release(trees)
+    release(trees)

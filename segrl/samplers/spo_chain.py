@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from ..engine.hf_engine import Engine
+from ..engine.base import RolloutEngine, release
 from ..tree import FinishReason, RolloutTree
 from .partition import Partition, cap_boundaries
 
@@ -62,7 +62,7 @@ class SPOChainSampler:
         self.cap_rule = cap_rule
 
     # ----- the three phases ----------------------------------------------------------
-    def sample_trajectories(self, engine: Engine, trees: Sequence[RolloutTree]) -> None:
+    def sample_trajectories(self, engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
         """``N`` trajectories per root, keeping their KV for the MC continuations."""
         engine.extend([(t, 0) for t in trees], self.max_len, self.n, keep_kv=True)
         for t in trees:
@@ -104,7 +104,7 @@ class SPOChainSampler:
                 t[node].info.update(spo_bounds=list(bounds), spo_nodes=nodes, spo_candidates=n_cand)
         return requests
 
-    def continue_mc(self, engine: Engine, requests: Sequence[tuple[RolloutTree, int]]) -> list[tuple[RolloutTree, int]]:
+    def continue_mc(self, engine: RolloutEngine, requests: Sequence[tuple[RolloutTree, int]]) -> list[tuple[RolloutTree, int]]:
         """``K`` continuations from every boundary node in one engine call (crops of the
         trajectories' KV); returns the MC leaves."""
         if not requests:
@@ -119,14 +119,14 @@ class SPOChainSampler:
                 out.append((t, c))
         return out
 
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], scorer: Scorer) -> dict[str, float]:
+    def sample(self, engine: RolloutEngine, trees: Sequence[RolloutTree], scorer: Scorer) -> dict[str, float]:
         """All phases, scoring, values; returns SPO-chain metrics."""
         decoded0 = engine.stats.decode_tokens
         self.sample_trajectories(engine, trees)
         traj_tokens = engine.stats.decode_tokens - decoded0
         requests = self.split(trees)
         mc_leaves = self.continue_mc(engine, requests)
-        Engine.release(trees)
+        release(trees)
         trajs = [(t, leaf) for t in trees for leaf in t.leaves(include_mc=False)]
         metrics = dict(scorer(trajs + mc_leaves))
         chain_values(trees)

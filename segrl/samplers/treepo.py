@@ -35,8 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..configs.loader import ConfigError
-from ..engine.cascade_engine import CascadeEngine, unsupported_reason
-from ..engine.hf_engine import Engine, _gc_paused
+from ..engine.base import RolloutEngine, gc_paused, release
 from ..tree import FinishReason, RolloutTree
 
 #: fallback "finished_first" priority (code: finished 7 > unclosed 6 > EOS 5 > steps 4 > tokens 3 > repetition 2)
@@ -175,7 +174,7 @@ class TreePOSampler:
         self.last_metrics: dict[str, float] = {}
 
     # ----- public API ----------------------------------------------------------------------
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], scorer=None, progress: float | None = None) -> dict:
+    def sample(self, engine: RolloutEngine, trees: Sequence[RolloutTree], scorer=None, progress: float | None = None) -> dict:
         """Grow ``trees``, score every leaf with ``scorer`` (if given), return metrics."""
         if progress is None:
             progress = _training_progress(scorer)
@@ -185,7 +184,7 @@ class TreePOSampler:
             metrics = {**scorer(refs), **metrics}
         return metrics
 
-    def eval_sampler(self, k: int) -> Callable[[Engine, Sequence[RolloutTree]], None]:
+    def eval_sampler(self, k: int) -> Callable[[RolloutEngine, Sequence[RolloutTree]], None]:
         """A ``sampler(engine, trees)`` for evaluation that leaves exactly ``k`` leaves per tree
         (width ``k``, budget mode ``leaves``, divergence ``treepo.eval_divergence``)."""
         import copy
@@ -196,14 +195,14 @@ class TreePOSampler:
             cfg.treepo.initial_width_max = min(cfg.treepo.initial_width_max, k)
         sub = TreePOSampler(cfg, width=k, divergence=cfg.treepo.eval_divergence, budget_mode="leaves")
 
-        def sampler(engine: Engine, trees: Sequence[RolloutTree]) -> None:
+        def sampler(engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
             sub.grow(engine, trees)
 
         sampler.treepo = sub  # type: ignore[attr-defined]  (metrics of the last call: sampler.treepo.last_metrics)
         return sampler
 
-    @_gc_paused()  # between rounds too: the trees' nodes and token lists form no cycles
-    def grow(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+    @gc_paused()  # between rounds too: the trees' nodes and token lists form no cycles
+    def grow(self, engine: RolloutEngine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
         """Sample the trees (no scoring). Returns ``tree/*`` metrics; frees all cached KV."""
         g = engine.generator
         temperature = self._temperature(progress)
@@ -216,7 +215,6 @@ class TreePOSampler:
             k0 = min(k0, self.width)
             states.append(_Prompt(t, self.width, {0: k0}, initial_width=k0))
         decoded0, prefill0 = engine.stats.decode_tokens, engine.stats.prefill_tokens
-        engine = self._engine(engine)
         self.trace = []
         cap = self.tp.max_rows_in_flight
         max_rounds = self.tp.max_rounds or (self.tp.max_depth * (self.width + 1) + 1) * (len(states) if cap else 1)
@@ -236,7 +234,7 @@ class TreePOSampler:
                 self._round(engine, served, temperature, g)
                 self.trace.append([(s.in_flight(), len(s.finished)) for s in states])
         finally:
-            Engine.release(trees)
+            release(trees)
         for s in states:
             s.tree[0].info["treepo"] = {
                 "width": s.width,
@@ -252,20 +250,6 @@ class TreePOSampler:
             m["tree/divergence_temperature"] = temperature
         self.last_metrics = m
         return m
-
-    def _engine(self, engine: Engine) -> Engine:
-        """The engine to grow trees with: a cascade-attention view of ``engine`` (same model,
-        generator and counters) under ``kv_sharing='cascade'`` when the model allows it."""
-        if self.tp.kv_sharing != "cascade" or isinstance(engine, CascadeEngine) or type(engine) is not Engine:
-            return engine
-        if unsupported_reason(engine.model) is not None:
-            return engine
-        view = getattr(engine, "_cascade_view", None)
-        if view is None or view.model is not engine.model:
-            # Kept on the engine: its KV pools are reused by every later round and step.
-            view = engine._cascade_view = CascadeEngine.from_engine(engine)
-        view.sync(engine)
-        return view
 
     @staticmethod
     def _admit(states: list[_Prompt], admitted: int, cap: int) -> tuple[list[_Prompt], int]:
@@ -285,7 +269,7 @@ class TreePOSampler:
         return served, admitted
 
     # ----- one round ---------------------------------------------------------------------
-    def _round(self, engine: Engine, states: list[_Prompt], temperature: float, g: torch.Generator) -> None:
+    def _round(self, engine: RolloutEngine, states: list[_Prompt], temperature: float, g: torch.Generator) -> None:
         tp = self.tp
         refs, lims, kids, meta = [], [], [], []
         for s in states:
@@ -483,7 +467,7 @@ class TreePOSampler:
         return t1 + (t0 - t1) * 0.5 * (1 + math.cos(math.pi * p))
 
     # ----- depth-first fallback -------------------------------------------------------------
-    def _fallback(self, s: _Prompt, width: int, g: torch.Generator, engine: Engine | None = None) -> None:
+    def _fallback(self, s: _Prompt, width: int, g: torch.Generator, engine: RolloutEngine | None = None) -> None:
         """Regrow ``width - finished`` paths from cut points of finished leaves. With
         ``engine``, a cut point's state is cropped from its leaf's cached state where the
         engine can (the KV of the kept prefix is exactly that of a forward pass over it);
