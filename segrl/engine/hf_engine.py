@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from ..tree import FinishReason, RolloutTree
 from .base import EngineBase, EngineStats, NodeRef, SamplingParams, default_eos_ids, gc_paused, per_ref
+from .finish import RowLog, StopChecker
 from .sampling import sample_tokens
 
 __all__ = ["Engine", "EngineStats", "NodeRef", "SamplingParams", "prefill_groups"]
@@ -89,8 +90,7 @@ class Engine(EngineBase):
             eos_token_ids = default_eos_ids(model, tokenizer)
         super().__init__(tokenizer, params, max_batch_size, seed, eos_token_ids, next(model.parameters()).device)
         self.model = model
-        self._max_stop_chars = max((len(s) for s in self.params.stop_strings), default=0)
-        self._stop_candidate: dict[int, bool] = {}
+        self._stops = StopChecker(tokenizer, self.eos_token_ids, self.params.stop_strings)
 
     # ----- public API -----------------------------------------------------------------
     @torch.no_grad()
@@ -285,93 +285,48 @@ class Engine(EngineBase):
         sel = torch.tensor([uniq[id(st)] for _, st, _ in rows])
         layers, umask, _ = self._stack(ustates)
         B = len(rows)
-        mask = umask[sel]
+        dev = self.device
+        mask = umask[sel].to(dev)
         if layers:
-            cache = DynamicCache(
-                ddp_cache_data=[(K.index_select(0, sel.to(K.device)), V.index_select(0, sel.to(V.device))) for K, V in layers],
-                config=self.model.config,
-            )
+            sel_d = sel.to(dev)
+            data = [(K.index_select(0, sel_d), V.index_select(0, sel_d)) for K, V in layers]
+            cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
         else:
             cache = DynamicCache(config=self.model.config)
         width0 = mask.shape[1]
-        pads = [width0 - int(m) for m in mask.sum(-1)]
+        pads = [width0 - int(m) for m in umask[sel].sum(-1)]
         paths = [p for _, _, p in rows]
-        inp = torch.tensor([p[-1] for p in paths])
-        pos = torch.tensor([len(p) - 1 for p in paths])
-        toks: list[list[int]] = [[] for _ in range(B)]
-        lps: list[list[float]] = [[] for _ in range(B)]
-        reasons: list[str | None] = [None] * B
+        inp = torch.tensor([p[-1] for p in paths], device=dev)
+        pos = torch.tensor([len(p) - 1 for p in paths], device=dev)
+        log = RowLog(limits, self._stops)
         kvs: list[KVState | None] = [None] * B
         alive = list(range(B))  # original row index of each live batch row
-        prm = self.params
         for _ in range(max(limits)):
-            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype)], dim=1)
-            out = self._forward(
-                inp[:, None].to(self.device), mask.to(self.device), pos[:, None].to(self.device), cache
-            )
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            out = self._forward(inp[:, None], mask, pos[:, None], cache)
             cache = out.cache
-            tok, lp = sample_tokens(out.logits[:, -1].cpu(), prm.temperature, prm.top_p, prm.top_k, self.device_generator)
+            tok, lp = self._sample(out.logits[:, -1])
             self.stats.decode_tokens += len(alive)
-            keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)
+            keep, ended = log.record(alive, tok, lp)
             for b, r in ended:
-                if keep_kv or reasons[r] == FinishReason.SEGMENT:
+                if keep_kv or log.reasons[r] == FinishReason.SEGMENT:
                     # KV now covers the path + all sampled tokens but the last (not yet fed).
                     kvs[r] = [(l.keys[b, :, pads[r] :].clone(), l.values[b, :, pads[r] :].clone()) for l in cache.layers]
             if len(keep) < len(alive):
                 if not keep:
                     break
-                kt = torch.tensor(keep)
-                cache.batch_select_indices(kt.to(self.device))
+                kt = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(kt)
                 mask = mask[kt]
                 alive = [alive[b] for b in keep]
                 tok = tok[kt]
                 pos = pos[kt]
             inp = tok
             pos = pos + 1
-        return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
+        lps = log.logprobs()
+        return [(log.toks[r], lps[r], log.reasons[r], kvs[r]) for r in range(B)]
 
-    def _record(self, alive, tok, lp, toks, lps, paths, limits, reasons) -> tuple[list[int], list[tuple[int, int]]]:
-        """Append one step's sampled tokens to the live rows (``alive[b]`` = row of batch
-        position b) and set the reasons of rows that ended. Returns (batch positions that go
-        on, ``(b, row)`` of those that ended)."""
-        tl, ll = tok.tolist(), lp.tolist()
-        keep: list[int] = []
-        ended: list[tuple[int, int]] = []
-        for b, r in enumerate(alive):
-            toks[r].append(tl[b])
-            lps[r].append(ll[b])
-            reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
-            if reason is None:
-                keep.append(b)
-            else:
-                reasons[r] = reason
-                ended.append((b, r))
-        return keep, ended
-
-    def _finish_reason(self, tok: int, path: list[int], gen: list[int], limit: int) -> str | None:
-        """Why a row ends after sampling ``tok`` (``gen`` already holds it), or None."""
-        if tok in self.eos_token_ids:
-            return FinishReason.EOS
-        if self._max_stop_chars and self._may_stop(tok) and self._hit_stop(path, gen):
-            return FinishReason.STOP
-        if len(gen) >= limit:
-            return FinishReason.SEGMENT
-        return None
-
-    def _may_stop(self, tok: int) -> bool:
-        """Whether sampling ``tok`` can complete a stop string: its text holds the last
-        character of one, or is partial/empty (a byte of a multi-byte character). Checked
-        first so that the tail is decoded only for these tokens (decoding every row at
-        every step cost ~15% of the decode loop)."""
-        hit = self._stop_candidate.get(tok)
-        if hit is None:
-            text = self.tokenizer.decode([tok], skip_special_tokens=False)
-            hit = not text or "\ufffd" in text or any(not s or s[-1] in text for s in self.params.stop_strings)
-            self._stop_candidate[tok] = hit
-        return hit
-
-    def _hit_stop(self, path: list[int], gen: list[int]) -> bool:
-        # Decode a short tail (a token is at least one character for these tokenizers).
-        tail = gen[-(self._max_stop_chars + 2) :]
-        text = self.tokenizer.decode(tail, skip_special_tokens=False)
-        return any(s in text for s in self.params.stop_strings)
+    def _sample(self, logits: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and log-probs drawn where the logits are (the device generator)."""
+        prm = self.params
+        return sample_tokens(logits, prm.temperature, prm.top_p, prm.top_k, self.device_generator, order)

@@ -78,7 +78,7 @@ def kv_layout(cfg, model) -> str:
     row per path: static shapes for CUDA graphs). ``sampling.kv_sharing=auto`` takes
     ``cascade`` on the CPU and ``flat`` on CUDA; the old ``treepo.kv_sharing=copy`` still
     asks for ``copy``. Architectures the pool engine cannot decode get ``copy``."""
-    from .cascade_engine import unsupported_reason
+    from .model_runner import unsupported_reason
 
     want = getattr(cfg.sampling, "kv_sharing", "auto")
     if want == "copy" or getattr(getattr(cfg, "treepo", None), "kv_sharing", None) == "copy":
@@ -100,4 +100,5 @@ def build_hf(cfg, model, tokenizer, params: SamplingParams, max_batch_size: int,
         return Engine(model, tokenizer, params, max_batch_size=max_batch_size, seed=seed)
     from .cascade_engine import CascadeEngine
 
-    return CascadeEngine(model, tokenizer, params, max_batch_size=max_batch_size, seed=seed)
+    graphs = bool(getattr(cfg.sampling, "cuda_graphs", True))
+    return CascadeEngine(model, tokenizer, params, max_batch_size=max_batch_size, seed=seed, layout=layout, cuda_graphs=graphs)

@@ -1,5 +1,8 @@
 """Token sampling from logits: temperature, top-k, top-p, and the log-prob we record.
 
+Everything runs where the logits are (CPU or GPU) with the engine's generator on that
+device: no ``[rows x vocab]`` copy to the host; only the sampled ids go there.
+
 The recorded log-prob is ``log_softmax(logits / temperature)`` of the sampled token, before
 top-k/top-p truncation. That is what the trainer recomputes (TRL does the same), so the PPO
 ratio of the first iteration is exactly 1.
@@ -81,9 +84,9 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     ~0.5 ms per row at 49k). Cumulative sums are in float64 and a zero-probability entry
     never raises them, so it is never drawn."""
     B, V = probs.shape
-    u = torch.rand(B, 1, generator=generator, dtype=torch.float64)
+    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device)
     if order is not None:
-        u = u[order]
+        u = u[order.to(probs.device, non_blocking=True)]
     if V <= 4 * CDF_BLOCK:
         cdf = probs.double().cumsum(-1)
         tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
@@ -98,7 +101,7 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     u = u * cdf[:, -1:]
     blk = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)  # [B, 1]
     before = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)
-    inner = blocks[torch.arange(B), blk[:, 0]]  # [B, CDF_BLOCK]
+    inner = blocks[torch.arange(B, device=probs.device), blk[:, 0]]  # [B, CDF_BLOCK]
     j = torch.searchsorted(inner.double().cumsum(-1), u - before, right=True)
     # Rounding can put the residual at or past the block's own total: take its last
     # positive entry then (never a zero-probability one).
