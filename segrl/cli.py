@@ -184,13 +184,13 @@ def cmd_view(args, rest) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    from .bench import main as bench_main
+    from .programs.bench import main as bench_main
 
     return bench_main(rest)
 
 
 def cmd_build_default_model(args, rest) -> int:
-    from .models.build_default import main as build_main
+    from .programs.build_default_model import main as build_main
 
     return build_main(rest) or 0
 
@@ -209,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         ("config", cmd_config, "list every config field with its default and meaning"),
         ("report", cmd_report, "(re)build RUN_DIR/report.html: curves, held-out accuracy, sample rollouts, config"),
         ("view", cmd_view, "draw sampled rollout trees of a run as static HTML: RUN_DIR/trees.html"),
-        ("bench", cmd_bench, "benchmarks (sampler vs generate, GRPO step vs TRL, ...)"),
+        ("bench", cmd_bench, "benchmarks (sampler vs generate, GRPO step vs TRL, treepo, gpu, ...)"),
         ("build-default-model", cmd_build_default_model, "rebuild the embedded default model reproducibly"),
     ]:
-        # compare parses its own options (and --help)
-        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, add_help=name != "compare")
+        # compare and bench parse their own options (and --help)
+        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False, add_help=name not in ("compare", "bench"))
         sp.set_defaults(fn=fn)
         if name in ("train", "eval"):
             sp.add_argument("--config", help="YAML file with config sections")

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from segrl import bench_treepo
+from segrl.programs import bench_treepo
 
 
 def test_bench_figures_follow_from_the_runs():

@@ -49,6 +49,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop_strings: Sequence[str] = field(default_factory=tuple)
+    ignore_eos: bool = False  # decode past EOS (vLLM's name; benchmarks of fixed lengths)
 
 
 @runtime_checkable
@@ -186,7 +187,7 @@ class EngineBase:
             self.device_generator = self.generator
         else:
             self.device_generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.eos_token_ids = set(int(e) for e in eos_token_ids)
+        self.eos_token_ids = set() if self.params.ignore_eos else set(int(e) for e in eos_token_ids)
         self.stats = EngineStats()
 
     def reset_stats(self) -> EngineStats:

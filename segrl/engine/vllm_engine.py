@@ -150,6 +150,7 @@ class VLLMEngine(EngineBase):
             top_k=(p.top_k if (p.top_k and not greedy) else -1),
             stop=list(p.stop_strings) or None,
             stop_token_ids=sorted(self.eos_token_ids),
+            ignore_eos=bool(p.ignore_eos),
             include_stop_str_in_output=True,
             skip_special_tokens=False,
             logprobs=0,
