@@ -32,6 +32,7 @@ import torch
 
 from .cascade_attention import key_mask
 from .cascade_levels import LevelView, chain_index
+from .cuda_graphs import StaticDecode, StaticStep
 from .hf_engine import Engine
 from .kv_manager import Block, CascadeState, KVManager
 from .kv_pool import KVPool
@@ -56,7 +57,9 @@ class CascadeEngine(Engine):
 
     Args (beyond :class:`Engine`'s):
         layout: ``cascade`` or ``flat`` (module docstring).
-        cuda_graphs: on CUDA with the ``flat`` layout, replay the decode step as CUDA graphs.
+        cuda_graphs: with static shapes on CUDA, replay the decode step as CUDA graphs.
+        static_shapes: run the ``flat`` layout's steps in bucketed static shapes
+            (:mod:`segrl.engine.cuda_graphs`; default: on CUDA).
     """
 
     #: A state continued by several rows becomes a shared block only if its tail has at least
@@ -66,7 +69,7 @@ class CascadeEngine(Engine):
     #: (docs/benchmarks.md).
     fork_min_tokens = 24
 
-    def __init__(self, model, tokenizer, *args, layout: str = "cascade", cuda_graphs: bool = False, **kwargs):
+    def __init__(self, model, tokenizer, *args, layout: str = "cascade", cuda_graphs: bool = False, static_shapes=None, **kwargs):
         if layout not in ("cascade", "flat"):
             raise ValueError(f"CascadeEngine layout must be 'cascade' or 'flat', got {layout!r}")
         self._runner = LlamaRunner(model)  # raises for unsupported models
@@ -75,11 +78,11 @@ class CascadeEngine(Engine):
         self._kv = KVManager(self._runner.pool_args, flat=layout == "flat")
         if layout == "flat":
             self.fork_min_tokens = sys.maxsize  # never a shared block
-        self._graphs = None
-        if cuda_graphs and layout == "flat" and self.device.type == "cuda":
-            from .cuda_graphs import GraphRunner
-
-            self._graphs = GraphRunner(self._runner, self._kv.tails, self.device)
+        if static_shapes is None:
+            static_shapes = layout == "flat" and self.device.type == "cuda"
+        if static_shapes and layout != "flat":
+            raise ValueError("static_shapes needs the flat layout")
+        self._static = StaticStep(self._runner, self._kv.tails, self.device, cuda_graphs) if static_shapes else None
         self._consume = True
 
     # ----- pools (names the tests use) ---------------------------------------------------
@@ -111,11 +114,8 @@ class CascadeEngine(Engine):
         return [self._kv.store_context(kv) for kv in super()._prefill(refs)]
 
     def _decode(self, rows, limits: list[int], keep_kv: bool):
-        if self._graphs is not None:
-            from .cuda_graphs import GraphDecode
-
-            return GraphDecode(self, rows, limits, keep_kv, self._consume).run()
-        return CascadeDecode(self, rows, limits, keep_kv, self._consume).run()
+        call = StaticDecode if self._static is not None else CascadeDecode
+        return call(self, rows, limits, keep_kv, self._consume).run()
 
     def _step(self, inp, pos, trow: torch.Tensor, buf: tuple[int, int], levels: list[LevelView], plan: list[LayerPlan]) -> torch.Tensor:
         """One decode step for the live rows; returns next-token logits ``[R, V]``.
@@ -134,7 +134,7 @@ class CascadeEngine(Engine):
         valid = tails.lens[lo : lo + nbuf].clone()
         valid[brow] = at + 1
         # Where each row's new key/value goes in a layer's pool viewed as [rows*Hkv*P, D]:
-        # one index_copy_ per layer and store (advanced-index assignment cost ~4x as much).
+        # one index_copy_ per layer and store (advanced-index assignment costs several times more).
         P = tails.K[0].shape[2]
         put = ((trow[:, None] * Hkv + torch.arange(Hkv)) * P + at[:, None]).reshape(-1)
         mask = key_mask(valid.to(dev, non_blocking=True), T)  # once per step, for every layer

@@ -33,7 +33,7 @@ class LevelView:
             # At least half the rows of the window [lo, hi) of the blocks read are not read:
             # pack the blocks read into n rows. Otherwise attend the window in place,
             # unread rows included (their scores are never picked). Packing at every re-pack
-            # moved more than it saved (TreePO on the embedded model: 20 of 30 ms per run);
+            # moved more than it saved (TreePO on the embedded model);
             # the window, not [0, hi), keeps a tree's last round from packing as its first
             # rows' blocks are released (continuous batching reads blocks in row order).
             lo = pool.pack([b.slot for b in mine])
@@ -46,7 +46,7 @@ class LevelView:
         lengths[row[used]] = torch.tensor([b.length for b in mine])
         T = int(lengths.max())
         self.layers = [(K[lo:hi, :, :T], V[lo:hi, :, :T]) for K, V in zip(pool.K, pool.V)]
-        self.mask = key_mask(lengths.to(pool.device), T)
+        self.mask = key_mask(lengths.to(pool.device, non_blocking=True), T)
         # Readers grouped by block (pool row), each block's readers in row order.
         at = row[bid[readers]]
         counts = torch.bincount(at, minlength=N)
@@ -71,7 +71,8 @@ class LevelView:
         pos[alive] = torch.arange(live)
         self.members = pos[self.members_orig]
         self.inverse = self.slot_orig[alive]
-        self.gather = tuple(x if x is None else x.to(device) for x in level_indices(self.members, self.inverse, *self.heads))
+        idx = level_indices(self.members, self.inverse, *self.heads)
+        self.gather = tuple(x if x is None else x.to(device, non_blocking=True) for x in idx)
 
     def part(self, li: int):
         """This level's arguments to :func:`cascade_attention` for layer ``li``."""

@@ -315,7 +315,7 @@ class Engine(EngineBase):
             if len(keep) < len(alive):
                 if not keep:
                     break
-                kt = torch.tensor(keep, device=dev)
+                kt = torch.tensor(keep).to(dev, non_blocking=True)
                 cache.batch_select_indices(kt)
                 mask = mask[kt]
                 alive = [alive[b] for b in keep]

@@ -133,8 +133,8 @@ class KVManager:
         tails = self.tails
         tails.reserve(1, n)
         slot = tails.alloc(1)[0]
-        src = torch.tensor([src_row.row], device=tails.device)  # type: ignore[union-attr]
-        dst = torch.tensor([slot.row], device=tails.device)
+        src = row_index([src_row.row], tails.device)  # type: ignore[union-attr]
+        dst = row_index([slot.row], tails.device)
         for t, f in zip(tails.K + tails.V, src_pool.K + src_pool.V):
             copy_positions(t, dst, f, src, n)
         tails.lens[slot.row] = n

@@ -156,6 +156,13 @@ class LlamaRunner:
                 x = x + lp.mlp(h)
         return self.head(self.final_norm(x)).contiguous()
 
+    def weight_ptrs(self) -> tuple[int, ...]:
+        """Where the weights a step reads live (a captured graph reads them there)."""
+        ptrs = [p.data_ptr() for p in self.inner.parameters()] + [p.data_ptr() for p in self.lm_head.parameters()]
+        for _, (qkv, gu) in self._fused_cache.values():
+            ptrs += [t.data_ptr() for t in (*(qkv or ()), gu) if t is not None]
+        return tuple(ptrs)
+
     def plan(self) -> list[LayerPlan]:
         """Per layer, the modules and fused weights a decode step uses (once per call: the
         weights do not change while it decodes)."""

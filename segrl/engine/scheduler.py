@@ -118,8 +118,7 @@ class CascadeDecode:
             self.start(alive)
             self.repack(alive)
             while self.alive:
-                logits = eng._step(self.inp, self.pos, self.trow, self.buf, self.levels, self.plan)
-                tok, lp = eng._sample(logits, self.order)
+                tok, lp = eng._sample(self.logits(), self.order)
                 eng.stats.forward_calls += 1
                 eng.stats.decode_tokens += len(self.alive)
                 self.kv.tails.lens[self.trow] += 1
@@ -131,8 +130,21 @@ class CascadeDecode:
             for r in range(B):  # rows cut short by an error
                 if self.slots[r] is not None:
                     self.kv.tails.release(self.slots[r])  # type: ignore[arg-type]
+            self.close()
         lps = self.log.logprobs()
         return [(self.log.toks[r], lps[r], self.log.reasons[r], self.kvs[r]) for r in range(B)]
+
+    # ----- hooks of the static-shape decode (segrl.engine.cuda_graphs) ---------------------
+    def logits(self) -> torch.Tensor:
+        """Next-token logits of the live rows, in batch order."""
+        return self.eng._step(self.inp, self.pos, self.trow, self.buf, self.levels, self.plan)
+
+    def pack(self, slots: list[Slot]) -> int:
+        """Pack the tail rows of ``slots`` into one window; returns its first row."""
+        return self.kv.tails.pack(slots)
+
+    def close(self) -> None:
+        """Called once the call is over (also after an error)."""
 
     def finish(self, ended: list[int]) -> None:
         """Rows that ended keep their state (a segment's end, or ``keep_kv``) or free it."""
@@ -165,7 +177,7 @@ class CascadeDecode:
         at = torch.tensor(alive)
         for lv in self.levels:
             lv.index(at, dev)
-        kt = torch.tensor(keep, device=dev)
+        kt = torch.tensor(keep).to(dev, non_blocking=True)
         self.inp, self.pos = tok[kt], self.pos[kt] + 1
         self.trow, self.order = self.batch_order(alive)
         return True
@@ -176,7 +188,7 @@ class CascadeDecode:
         attention then runs in place, with no scatter/gather); ``order`` deals the random
         draws in row order."""
         slots, toks, paths, dev = self.slots, self.log.toks, self.paths, self.eng.device
-        lo = self.kv.tails.pack([slots[r] for r in rows])
+        lo = self.pack([slots[r] for r in rows])
         rows = sorted(rows, key=lambda r: slots[r].row)  # type: ignore[union-attr]
         self.alive = rows
         self.trow, self.order = self.batch_order(rows)
