@@ -72,14 +72,15 @@ def test_same_draws_for_a_seed_on_a_device(device):
 
 
 def _host_copies(monkeypatch):
-    """Record ``(shape, dtype)`` of every tensor turned into Python values or copied to the host."""
-    seen: list[tuple[tuple[int, ...], torch.dtype]] = []
+    """Record ``(method, shape, dtype)`` of every tensor turned into Python or numpy values,
+    or copied to the host."""
+    seen: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     for name in ("tolist", "item", "numpy", "cpu"):
         orig = getattr(torch.Tensor, name)
 
         def spy(self, *a, _orig=orig, _name=name, **k):
-            if self.device.type != "cpu" or _name == "tolist":
-                seen.append((tuple(self.shape), self.dtype))
+            if self.device.type != "cpu" or _name != "cpu":
+                seen.append((_name, tuple(self.shape), self.dtype))
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
@@ -101,9 +102,9 @@ def test_a_decode_step_copies_only_the_sampled_ids(tiny_model, char_tok, monkeyp
         monkeypatch.undo()
     finally:
         tiny_model.to("cpu")
-    assert not any(V in shape for shape, _ in seen)
-    ids = [shape for shape, dt in seen if dt == torch.long and shape == (6,)]
-    floats = [shape for shape, dt in seen if dt.is_floating_point]
+    assert not any(V in shape for _, shape, _ in seen)
+    ids = [shape for name, shape, dt in seen if name == "numpy" and dt == torch.long and shape == (6,)]
+    floats = [shape for _, shape, dt in seen if dt.is_floating_point]
     assert len(ids) == 7  # the 6 rows' ids, once per step
     assert floats == [(6 * 7,)]  # the log-probs, once per call
     assert all(len(t[leaf].token_ids) == 7 for t in trees for leaf in t.leaves())

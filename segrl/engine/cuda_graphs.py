@@ -45,14 +45,31 @@ def bucket(n: int, base: int) -> int:
 
 @dataclass(eq=False)
 class _Shape:
-    """Static input buffers (and the captured graph) of one ``(rows, positions)`` bucket."""
+    """Static buffers (and the captured graph) of one ``(rows, positions)`` bucket. ``dev``
+    holds, for the ``Wb`` window rows, where each row's new key/value goes (``Wb * Hkv`` flat
+    indices), the keys each row attends (``Wb``) and the live rows' window rows (a prefix of
+    ``Wb``); ``host`` stages them (pinned on CUDA) for one transfer per step."""
 
     inp: torch.Tensor  # [Wb] token fed per window row
     pos: torch.Tensor  # [Wb] its position
-    put: torch.Tensor  # [Wb * Hkv] where its new key/value goes (flat index)
-    valid: torch.Tensor  # [Wb] keys the row attends
+    dev: torch.Tensor  # [Wb * Hkv + 2 * Wb] put, valid, trow
+    host: torch.Tensor  # the same on the host
     graph: torch.cuda.CUDAGraph | None = None
     out: torch.Tensor | None = None  # the graph's logits [Wb, V]
+
+    @property
+    def rows(self) -> int:
+        return self.inp.shape[0]
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        return t[: t.shape[0] - 2 * self.rows]
+
+    def valid(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[0] - 2 * self.rows
+        return t[n : n + self.rows]
+
+    def trow(self, t: torch.Tensor) -> torch.Tensor:
+        return t[t.shape[0] - self.rows :]
 
 
 class StaticStep:
@@ -105,22 +122,26 @@ class StaticStep:
         at = tails.lens[trow]
         Wb = bucket(int(trow.max()) + 1, self.row_base)
         Tb = bucket(int(at.max()) + 1, self.pos_base)
-        P = tails.positions
-        put = torch.full((Wb, Hkv), self.scratch.row * Hkv * P, dtype=torch.long)  # type: ignore[union-attr]
-        put += torch.arange(Hkv) * P
-        put[trow] = (trow[:, None] * Hkv + torch.arange(Hkv)) * P + at[:, None]
-        valid = tails.lens[:Wb].clone()
-        valid[trow] = at + 1
         sig = self._signature()
         if sig != self._sig:  # the pool or the weights moved: shapes captured before are stale
             self.shapes.clear()
             self._sig = sig
         st = self._shape(Wb, Tb, plan)
-        trow_d = trow.to(self.device, non_blocking=True)
+        # Staged on the host and copied in one transfer (from pinned memory on CUDA: it does
+        # not wait; the buffer is rewritten only after this step's ids came back, so after it).
+        R, P, h = trow.shape[0], tails.positions, st.host
+        put = st.put(h).view(Wb, Hkv)
+        put.copy_(self.scratch.row * Hkv * P + torch.arange(Hkv) * P)  # type: ignore[union-attr]
+        put[trow] = (trow[:, None] * Hkv + torch.arange(Hkv)) * P + at[:, None]
+        valid = st.valid(h)
+        valid.copy_(tails.lens[:Wb])
+        valid[trow] = at + 1
+        valid.clamp_(min=1)
+        st.trow(h)[:R].copy_(trow)
+        st.dev.copy_(h, non_blocking=True)
+        trow_d = st.trow(st.dev)[:R]
         st.inp.zero_().index_copy_(0, trow_d, inp)
         st.pos.zero_().index_copy_(0, trow_d, pos)
-        st.put.copy_(put.view(-1), non_blocking=True)
-        st.valid.copy_(valid.clamp_(min=1), non_blocking=True)
         if st.graph is not None:
             st.graph.replay()
             out = st.out
@@ -129,17 +150,18 @@ class StaticStep:
         return out.index_select(0, trow_d)  # type: ignore[union-attr]
 
     def _forward(self, st: _Shape, Tb: int, plan) -> torch.Tensor:
-        Wb = st.inp.shape[0]
-        mask = key_mask(st.valid, Tb)
-        return self.runner.forward(st.inp, st.pos, self.tails, st.put, (0, Wb, Tb), mask, None, [], plan)
+        mask = key_mask(st.valid(st.dev), Tb)
+        return self.runner.forward(st.inp, st.pos, self.tails, st.put(st.dev), (0, st.rows, Tb), mask, None, [], plan)
 
     def _shape(self, Wb: int, Tb: int, plan) -> _Shape:
         st = self.shapes.get((Wb, Tb))
         if st is None:
             Hkv, dev = self.runner.heads[1], self.device
-            scratch = self.scratch.row * Hkv * self.tails.positions  # type: ignore[union-attr]
+            n = Wb * Hkv + 2 * Wb
+            host = torch.ones(n, dtype=torch.long, pin_memory=dev.type == "cuda")
+            host[: Wb * Hkv] = self.scratch.row * Hkv * self.tails.positions  # type: ignore[union-attr]  (writes go to scratch)
             z = torch.zeros(Wb, dtype=torch.long, device=dev)
-            st = _Shape(z, z.clone(), torch.full((Wb * Hkv,), scratch, dtype=torch.long, device=dev), torch.ones_like(z))
+            st = _Shape(z, z.clone(), host.to(dev), host)
             if self.graphs:
                 self._capture(st, Tb, plan)
             self.shapes[(Wb, Tb)] = st

@@ -324,7 +324,7 @@ class Engine(EngineBase):
             inp = tok
             pos = pos + 1
         lps = log.logprobs()
-        return [(log.toks[r], lps[r], log.reasons[r], kvs[r]) for r in range(B)]
+        return [(log.tokens(r), lps[r], log.reasons[r], kvs[r]) for r in range(B)]
 
     def _sample(self, logits: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and log-probs drawn where the logits are (the device generator)."""

@@ -132,7 +132,7 @@ class CascadeDecode:
                     self.kv.tails.release(self.slots[r])  # type: ignore[arg-type]
             self.close()
         lps = self.log.logprobs()
-        return [(self.log.toks[r], lps[r], self.log.reasons[r], self.kvs[r]) for r in range(B)]
+        return [(self.log.tokens(r), lps[r], self.log.reasons[r], self.kvs[r]) for r in range(B)]
 
     # ----- hooks of the static-shape decode (segrl.engine.cuda_graphs) ---------------------
     def logits(self) -> torch.Tensor:
@@ -151,7 +151,7 @@ class CascadeDecode:
         for r in ended:
             slot, self.slots[r] = self.slots[r], None
             if self.keep_kv or self.log.reasons[r] == FinishReason.SEGMENT:
-                self.kvs[r] = self.kv.own_tail(slot, self.lens0[r] + len(self.log.toks[r]), self.chains[r])  # type: ignore[arg-type]
+                self.kvs[r] = self.kv.own_tail(slot, self.lens0[r] + self.log.count(r), self.chains[r])  # type: ignore[arg-type]
             else:
                 self.kv.tails.release(slot)  # type: ignore[arg-type]
 
@@ -187,13 +187,14 @@ class CascadeDecode:
         and order the batch by pool row (batch position b = tail row lo + b: the private
         attention then runs in place, with no scatter/gather); ``order`` deals the random
         draws in row order."""
-        slots, toks, paths, dev = self.slots, self.log.toks, self.paths, self.eng.device
+        slots, log, paths, dev = self.slots, self.log, self.paths, self.eng.device
         lo = self.pack([slots[r] for r in rows])
         rows = sorted(rows, key=lambda r: slots[r].row)  # type: ignore[union-attr]
         self.alive = rows
         self.trow, self.order = self.batch_order(rows)
-        self.inp = torch.tensor([toks[r][-1] if toks[r] else paths[r][-1] for r in rows]).to(dev, non_blocking=True)
-        self.pos = torch.tensor([len(paths[r]) - 1 + len(toks[r]) for r in rows]).to(dev, non_blocking=True)
+        last = [log.last(r) for r in rows]
+        self.inp = torch.tensor([paths[r][-1] if t is None else t for r, t in zip(rows, last)]).to(dev, non_blocking=True)
+        self.pos = torch.tensor([len(paths[r]) - 1 + log.count(r) for r in rows]).to(dev, non_blocking=True)
         self.levels = levels_for(self.index, rows, self.kv, self.eng._runner.heads[:2], dev)
         self.buf = (lo, len(rows))  # the private attention runs over tail-pool rows [lo, lo + n)
 
