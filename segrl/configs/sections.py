@@ -62,7 +62,7 @@ class SamplingConfig:
     stop_strings: list[str] = option([], help="Extra strings that end a completion (the task may add its own).")
     max_batch_size: int = option(512, help="Rows decoded together by the engine.")
     backend: str = option("hf", help="Rollout engine: hf (transformers, prefix KV forks) or vllm (segrl.engine.vllm_engine: vLLM with prefix caching, weights synced after every update; needs vllm installed).", choices=("hf", "vllm"))
-    kv_sharing: str = option("auto", help="How the hf backend holds the KV of shared prefixes (every sampler): 'cascade' (KV pools; a prompt's KV, and the completion shared up to a fork, stored once and read once per decode step by all the rows below it), 'flat' (KV pools, one row per path: static shapes, CUDA graphs), 'copy' (a DynamicCache row per path), 'auto' (cascade on CPU, flat on CUDA). The pools need a LLaMA-family model (llama, qwen2, mistral); others use 'copy'. treepo.kv_sharing=copy is the old name of 'copy'.", choices=("auto", "cascade", "flat", "copy"))
+    kv_sharing: str = option("auto", help="KV layout of the hf backend (all samplers): cascade (shared prefixes stored and read once), flat (a pool row per path; static shapes, CUDA graphs), copy (a DynamicCache row per path), auto (cascade on CPU, flat on CUDA). Non-LLaMA-family models use copy.", choices=("auto", "cascade", "flat", "copy"))
     cuda_graphs: bool = option(True, help="On CUDA, replay the pool engine's decode step as CUDA graphs captured per bucket of rows and positions (eager with a warning where capture fails).")
 
     def __post_init__(self):

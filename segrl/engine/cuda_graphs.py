@@ -183,7 +183,10 @@ class StaticStep:
             st.graph = g
             self.captures += 1
         except Exception as e:  # noqa: BLE001 - any capture failure: eager from now on
-            torch.cuda.synchronize(self.device)
+            try:
+                torch.cuda.synchronize(self.device)
+            except RuntimeError:
+                pass  # the failed capture's own error is the one to report
             st.graph, st.out = None, None
             self.graphs = False
             self.shapes.clear()

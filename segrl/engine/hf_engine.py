@@ -95,32 +95,10 @@ class Engine(EngineBase):
     # ----- public API -----------------------------------------------------------------
     @torch.no_grad()
     @gc_paused()
-    def extend(
-        self,
-        refs: Sequence[NodeRef],
-        max_new_tokens: int | Sequence[int],
-        num_children: int | Sequence[int] = 1,
-        keep_kv: bool = False,
-        release_sources: bool = True,
-        **node_info,
-    ) -> list[list[NodeRef]]:
-        """Grow ``num_children`` children from each node, each up to ``max_new_tokens`` tokens.
-
-        Args:
-            refs: ``(tree, node_index)`` pairs; a node may appear once.
-            max_new_tokens: token limit per new segment (one value, or one per ref).
-            num_children: children per ref (one value, or one per ref; 0 skips a ref).
-            keep_kv: also keep the cached state of children that finished (EOS / stop), so
-                that later calls can continue from inside them (SPO-chain crops).
-            release_sources: drop the sources' cached states afterwards (their children now
-                hold longer ones); keep them if the same nodes will be extended again.
-            node_info: extra annotations stored on every new node (e.g. ``mc=True``).
-
-        Returns:
-            for each ref, the list of its new children's refs. A child's ``finish_reason`` is
-            ``eos``, ``stop`` or ``segment`` (the token limit was reached; the sampler decides
-            whether that means truncation).
-        """
+    def extend(self, refs: Sequence[NodeRef], max_new_tokens, num_children=1, keep_kv=False, release_sources=True, **node_info):
+        """:meth:`segrl.engine.base.RolloutEngine.extend`: rows that share a source state fork
+        its cached KV; sources without one are prefilled once (``refs``: a node may appear
+        once)."""
         n = len(refs)
         lims, kids = per_ref(refs, max_new_tokens, num_children)
         self.stats.extend_calls += 1

@@ -159,15 +159,7 @@ class VLLMEngine(EngineBase):
         )
 
     @torch.no_grad()
-    def extend(
-        self,
-        refs: Sequence[NodeRef],
-        max_new_tokens: int | Sequence[int],
-        num_children: int | Sequence[int] = 1,
-        keep_kv: bool = False,
-        release_sources: bool = True,
-        **node_info,
-    ) -> list[list[NodeRef]]:
+    def extend(self, refs: Sequence[NodeRef], max_new_tokens, num_children=1, keep_kv=False, release_sources=True, **node_info):
         """:meth:`segrl.engine.base.RolloutEngine.extend` (``keep_kv`` / ``release_sources`` ignored)."""
         from vllm.inputs import TokensPrompt
 
