@@ -210,17 +210,18 @@ def cmd_view(args, rest) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    if next((a for a in rest if a in ("sampler", "trl", "all")), "all") != "sampler":  # check before minutes of work
+    which = rest[0] if rest and not rest[0].startswith("-") else "all"
+    if which in ("trl", "all") and not {"-h", "--help"} & set(rest):  # check before minutes of work
         from .errors import require
 
         require("trl", "bench", "segrl bench trl (a GRPO step against TRL's)", "TRL", hint="`segrl bench sampler` runs without it")
-    from .bench import main as bench_main
+    from .programs.bench import main as bench_main
 
     return bench_main(rest)
 
 
 def cmd_build_default_model(args, rest) -> int:
-    from .models.build_default import main as build_main
+    from .programs.build_default_model import main as build_main
 
     return build_main(rest) or 0
 
@@ -295,17 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("config", cmd_config, "list every config field with its default and meaning (one section, or an algorithm's recipe)"),
         ("report", cmd_report, "(re)build RUN_DIR/report.html: curves, held-out accuracy, sample rollouts, config"),
         ("view", cmd_view, "draw sampled rollout trees of a run as static HTML: RUN_DIR/trees.html"),
-        ("bench", cmd_bench, "benchmarks (sampler vs generate, GRPO step vs TRL: pip install 'segrl[bench]')"),
+        ("bench", cmd_bench, "benchmarks: sampler vs generate, GRPO step vs TRL (pip install 'segrl[bench]'), treepo, memory, gpu"),
         ("build-default-model", cmd_build_default_model, "rebuild the embedded default model reproducibly"),
     ]:
         fields = name in ("train", "eval")
-        # compare parses its own options (and --help)
+        # compare and bench parse their own options (and --help)
         sp = sub.add_parser(
             name,
             help=help_,
             description=help_,
             allow_abbrev=False,
-            add_help=name != "compare",
+            add_help=name not in ("compare", "bench"),
             epilog=FIELDS_HELP.format(cmd=name) if fields else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             usage=f"segrl {name} [--algo ALGO] [--model MODEL] [--config FILE] {'[--resume [RUN_DIR]] ' if name == 'train' else ''}"
@@ -331,8 +332,8 @@ def _shortcut_tokens(args) -> list[str]:
 RUN_FAILED = 1
 #: (module, class) of errors that end a run which had started: its data, reward code or training
 RUN_FAILURES = (
-    ("segrl.tasks.math_datasets", "DatasetError"),
-    ("segrl.rewards.combine", "RewardError"),
+    ("segrl.tasks.rows", "DatasetError"),
+    ("segrl.rewards.budget", "RewardError"),
     ("segrl.trainer.trainer", "TrainingError"),
 )
 

@@ -29,7 +29,7 @@ def tiny_model_dir(root: Path) -> Path:
     """A tiny random LLaMA + char tokenizer saved under ``root`` (cached per session)."""
     if "dir" in _MODEL_CACHE and _MODEL_CACHE["dir"].exists():
         return _MODEL_CACHE["dir"]
-    from segrl.models.build_default import ModelShape, make_model
+    from segrl.programs.build_default_model import ModelShape, make_model
     from segrl.models.tokenizer import build_tokenizer
 
     tok = build_tokenizer()

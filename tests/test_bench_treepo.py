@@ -7,13 +7,15 @@ import statistics
 
 import pytest
 
-from segrl import bench_treepo
+from segrl.programs import bench_treepo
 
 
 def test_bench_figures_follow_from_the_runs():
     if bench_treepo._available("default"):
         pytest.skip("embedded default model not built yet")
-    res = bench_treepo.bench_model("default", prompts=3, width=4, max_len=16, segment_length=4, max_depth=4, repeats=3, samplers=("independent", "treepo"))
+    res = bench_treepo.bench_model(
+        "default", prompts=3, width=4, max_len=16, segment_length=4, max_depth=4, repeats=3, samplers=("independent", "treepo")
+    )
     ind, tr = res["independent"], res["treepo"]
     assert ind["leaves"] == tr["leaves"] == 12  # 3 prompts x 4 leaves, both samplers
     assert ind["decoded"] == ind["traj_tokens"]  # independent sampling shares nothing

@@ -8,17 +8,17 @@ import gc
 
 import pytest
 import torch
+from test_engine import full_forward_logprobs
+from test_treepo_sampler import TOK, make_cfg, prompts
+from test_treepo_sampler import model as model  # noqa: F401  (module fixture)
 
 from segrl.engine.cascade_attention import cascade_attention, key_mask, level_indices
 from segrl.engine.cascade_engine import Block, CascadeEngine, _Level, unsupported_reason
 from segrl.engine.hf_engine import Engine, SamplingParams
 from segrl.engine.kv_pool import KVPool, copy_positions, row_index
+from segrl.engine.registry import make_engine
 from segrl.samplers.treepo import TreePOSampler
 from segrl.tree import FinishReason
-
-from test_engine import full_forward_logprobs
-from test_treepo_sampler import TOK, make_cfg, prompts
-from test_treepo_sampler import model as model  # noqa: F401  (module fixture)
 
 
 def grow(eng, prompt_ids):
@@ -253,7 +253,8 @@ def test_cascade_attention_equals_plain_softmax_attention():
     reads = [0, 1, None, 0, 1]  # row 2 reads no block
     members = torch.tensor([[0, 3], [1, 4]])
     inverse = torch.tensor([0, 2, 4, 1, 3])  # slots; 4 = N*S: no block
-    out = cascade_attention(q, (K, V, key_mask(valid, 4), rows), [(blocks_K, blocks_V, key_mask(blen, 3)) + level_indices(members, inverse, Hq, Hkv)])
+    level = (blocks_K, blocks_V, key_mask(blen, 3)) + level_indices(members, inverse, Hq, Hkv)
+    out = cascade_attention(q, (K, V, key_mask(valid, 4), rows), [level])
     for r in range(R):
         keys = [K[rows[r], :, : lens[r]]]
         vals = [V[rows[r], :, : lens[r]]]
@@ -290,21 +291,22 @@ def test_unsupported_models_keep_the_copy_engine(char_tok):
     assert "gpt2" in unsupported_reason(gpt2)
     with pytest.raises(ValueError, match="cannot decode this model"):
         CascadeEngine(gpt2, char_tok)
-    eng = Engine(gpt2, char_tok, SamplingParams(temperature=1.0), seed=0, eos_token_ids=[])
     cfg = make_cfg(max_len=8, segment_length=4, max_depth=2, width=4)
+    eng = make_engine(cfg, gpt2, char_tok, seed=0)  # the factory picks the copy engine
+    assert type(eng) is Engine
     trees = eng.new_trees([[1, 5, 6]])
     TreePOSampler(cfg).grow(eng, trees)
-    assert len(trees[0].leaves()) == 4 and not hasattr(eng, "_cascade_view")
+    assert len(trees[0].leaves()) == 4
 
 
 def test_treepo_trees_are_the_same_with_cascade_and_copy(model):  # noqa: F811
     trees = {}
     for sharing in ("cascade", "copy"):
-        eng = Engine(model, TOK, SamplingParams(temperature=1.0), seed=5)
         cfg = make_cfg(max_len=24, segment_length=4, max_depth=6, width=8, kv_sharing=sharing)
+        eng = make_engine(cfg, model, TOK, seed=5)
         trees[sharing] = eng.new_trees(prompts(3))
         TreePOSampler(cfg).grow(eng, trees[sharing])
-        assert hasattr(eng, "_cascade_view") == (sharing == "cascade")
+        assert type(eng) is (CascadeEngine if sharing == "cascade" else Engine)
     for a, b in zip(trees["cascade"], trees["copy"]):
         assert [a[i].token_ids for i in range(len(a))] == [b[i].token_ids for i in range(len(b))]
         assert [a[i].parent for i in range(len(a))] == [b[i].parent for i in range(len(b))]
@@ -315,7 +317,7 @@ def test_row_capacity_bounds_every_round(model, cap):  # noqa: F811
     """Under max_rows_in_flight every round decodes at most ``cap`` rows, prompts are
     served as capacity frees up, and every prompt still ends with exactly ``width`` leaves."""
     cfg = make_cfg(max_len=24, segment_length=4, max_depth=6, width=8, max_rows_in_flight=cap)
-    eng = Engine(model, TOK, SamplingParams(temperature=1.0), seed=2)
+    eng = make_engine(cfg, model, TOK, seed=2)
     view_calls = []
     s = TreePOSampler(cfg)
     orig = CascadeEngine._decode
@@ -345,3 +347,33 @@ def test_row_capacity_below_width_is_rejected():
 
     with pytest.raises(ConfigError, match="max_rows_in_flight"):
         TreePOSampler(make_cfg(width=8, max_rows_in_flight=4))
+
+
+def test_factory_engine_crops_spo_chain_boundaries_like_the_copy_engine(tiny_model, char_tok):
+    """The factory's pool engine serves SPO-chain too: a boundary state inside a cached
+    trajectory is a crop of it (no prefill), and while a call fits in max_batch_size it
+    samples the same tokens as the copy engine from the same seed."""
+    from segrl.configs import SegrlConfig
+    from segrl.samplers.partition import FixedPartition
+    from segrl.samplers.spo_chain import SPOChainSampler
+
+    def scorer(refs):
+        for t, leaf in refs:
+            t[leaf].reward = float(t.completion_len(leaf) % 2)
+        return {}
+
+    out = {}
+    for kv in ("copy", "cascade"):
+        cfg = SegrlConfig()
+        cfg.sampling.kv_sharing = kv
+        eng = make_engine(cfg, tiny_model, char_tok, seed=4, params=SamplingParams(temperature=1.0))
+        assert type(eng) is (Engine if kv == "copy" else CascadeEngine)
+        trees = eng.new_trees([[2, 5, 6, 7], [2, 9, 10]])
+        m = SPOChainSampler(FixedPartition(4), 3, 2, max_completion_length=14).sample(eng, trees, scorer)
+        assert eng.stats.prefill_tokens == 3 + 2 and eng.stats.kv_crops == m["mc/states"] > 0
+        for t in trees:
+            for leaf in t.leaves():
+                ref = full_forward_logprobs(tiny_model, t, leaf)
+                assert torch.allclose(ref, torch.tensor(t.path_logprobs(leaf)), atol=1e-4)
+        out[kv] = [[(n.token_ids, n.finish_reason) for n in t.nodes] for t in trees]
+    assert out["copy"] == out["cascade"]

@@ -15,6 +15,7 @@ import torch
 from segrl.configs import ConfigError, SegrlConfig, TreePOConfig, load_config
 from segrl.engine.cascade_engine import CascadeEngine
 from segrl.engine.hf_engine import Engine, EngineStats, SamplingParams
+from segrl.engine.registry import make_engine
 from segrl.samplers.treepo import TreePOSampler, allocate_branches, branch_budget, has_repetition, tree_metrics
 from segrl.tree import FinishReason, RolloutTree
 
@@ -289,7 +290,7 @@ def test_fallback_regrows_from_kept_prefix(model, kv_sharing, fork_min_tokens, m
     if fork_min_tokens is not None:
         monkeypatch.setattr(CascadeEngine, "fork_min_tokens", fork_min_tokens)
     cfg = make_cfg(max_len=24, segment_length=4, max_depth=3, width=10, initial_width=2, fallback_trajectory_policy="random_all", kv_sharing=kv_sharing)
-    eng = engine_for(model, seed=5)
+    eng = make_engine(cfg, model, TOK, seed=5)
     trees = eng.new_trees(prompts(4))
     s = TreePOSampler(cfg)
     m = s.grow(eng, trees)
@@ -311,11 +312,8 @@ def test_fallback_regrows_from_kept_prefix(model, kv_sharing, fork_min_tokens, m
     points = sum(t[0].info["treepo"]["fallback_points"] for t in trees)
     assert 0 < eng.stats.kv_crops <= points
     # Without cropping every fallback point is prefilled from its kept prefix: same trees.
-    eng2 = engine_for(model, seed=5)
+    eng2 = make_engine(cfg, model, TOK, seed=5)
     eng2.cache_prefix = lambda tree, node, source: False
-    if kv_sharing == "cascade":
-        view = eng2._cascade_view = CascadeEngine.from_engine(eng2)
-        view.cache_prefix = eng2.cache_prefix
     trees2 = eng2.new_trees(prompts(4))
     TreePOSampler(cfg).grow(eng2, trees2)
     assert eng2.stats.kv_crops == 0 and eng2.stats.prefill_tokens > eng.stats.prefill_tokens >= prompt_tokens

@@ -70,6 +70,16 @@ class SamplingConfig:
     stop_strings: list[str] = option([], help="Extra strings that end a completion (the task may add its own).")
     max_batch_size: int = option(512, help="Rows decoded together by the engine.")
     backend: str = option("hf", help="Rollout engine: hf (transformers, prefix KV forks) or vllm (segrl.engine.vllm_engine: vLLM with prefix caching, weights synced after every update; needs vllm installed).", choices=("hf", "vllm"))
+    kv_sharing: str = option(
+        "auto",
+        help="KV layout of the hf backend (all samplers): cascade (shared prefixes stored and read once), flat (a pool row per "
+        "path; static shapes, CUDA graphs), copy (a DynamicCache row per path), auto (cascade on CPU, flat on CUDA). "
+        "Non-LLaMA-family models use copy.",
+        choices=("auto", "cascade", "flat", "copy"),
+    )
+    cuda_graphs: bool = option(
+        True, help="On CUDA, replay the pool engine's decode step as CUDA graphs captured per bucket of rows and positions."
+    )
 
     def __post_init__(self):
         check(self.temperature > 0, "sampling.temperature", "must be > 0 for training")

@@ -26,7 +26,9 @@ def key_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.zeros(pad.shape, dtype=torch.float32, device=lengths.device).masked_fill_(pad, float("-inf"))[:, None, None, :]
 
 
-def level_indices(members: torch.Tensor, inverse: torch.Tensor, Hq: int, Hkv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def level_indices(
+    members: torch.Tensor, inverse: torch.Tensor, Hq: int, Hkv: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Flat gather indices for one level of :func:`cascade_attention`, computed once per
     batch layout (not per layer).
 

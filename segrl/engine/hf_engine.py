@@ -19,61 +19,22 @@ Counters in :attr:`Engine.stats` show what was prefilled and decoded.
 
 from __future__ import annotations
 
-import gc
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
 
 from ..hf_compat import cache_kw, output_cache
 from ..tree import FinishReason, RolloutTree
+from .base import EngineBase, EngineStats, NodeRef, SamplingParams, default_eos_ids, gc_paused, per_ref
+from .finish import RowLog, StopChecker
 from .sampling import sample_tokens
+
+__all__ = ["Engine", "EngineStats", "NodeRef", "SamplingParams", "prefill_groups"]
 
 # A cached state: per layer (keys [H, T, D], values [H, T, D]) for T = path length - 1.
 KVState = list[tuple[torch.Tensor, torch.Tensor]]
-NodeRef = tuple[RolloutTree, int]
-
-
-@dataclass
-class EngineStats:
-    """Work counters (cumulative; :meth:`Engine.reset_stats` clears them)."""
-
-    prefill_tokens: int = 0  # tokens run through the model to rebuild a context
-    decode_tokens: int = 0  # tokens sampled
-    forward_calls: int = 0
-    extend_calls: int = 0
-    kv_crops: int = 0  # states taken from a longer cached path (no recompute)
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class SamplingParams:
-    """How tokens are drawn (TRL's generation names)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_strings: Sequence[str] = field(default_factory=tuple)
-
-
-@contextmanager
-def _gc_paused():
-    """Pause Python's cyclic garbage collector (the decode loop makes no reference cycles).
-
-    A decode call creates many small objects (token lists, tensor views), and each
-    generation-0 threshold crossing then walks every tracked object, trees included: ~7% of
-    a TreePO sampling run on the embedded model went to collections that found nothing."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
+_gc_paused = gc_paused  # the name samplers imported before the contract moved to engine.base
 
 
 def prefill_groups(lengths: Sequence[int], max_rows: int, call_tokens: int) -> list[list[int]]:
@@ -100,15 +61,15 @@ def prefill_groups(lengths: Sequence[int], max_rows: int, call_tokens: int) -> l
     return groups[::-1]
 
 
-class Engine:
-    """Batched sampler that grows rollout trees from cached prefixes.
+class Engine(EngineBase):
+    """Batched sampler that grows rollout trees from cached prefixes (:class:`~segrl.engine.base.RolloutEngine`).
 
     Args:
         model: a transformers causal LM (any architecture whose cache is a ``DynamicCache``).
         tokenizer: its tokenizer (EOS and stop-string decoding).
         params: sampling parameters.
         max_batch_size: rows decoded together; more rows are split into chunks.
-        seed: seed of the engine's own random generator (sampling is reproducible and its
+        seed: seed of the engine's random generators (sampling is reproducible and their
             state is checkpointed with :meth:`state_dict`).
         eos_token_ids: ids that end a sequence (default: the tokenizer's/model's EOS).
     """
@@ -126,77 +87,21 @@ class Engine:
         seed: int = 0,
         eos_token_ids: Sequence[int] | None = None,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.params = params or SamplingParams()
-        self.max_batch_size = max_batch_size
-        self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
         if eos_token_ids is None:
-            eos = getattr(model.generation_config, "eos_token_id", None)
-            if eos is None:
-                eos = tokenizer.eos_token_id
-            eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_token_ids = set(int(e) for e in eos_token_ids)
-        self.stats = EngineStats()
-        self._max_stop_chars = max((len(s) for s in self.params.stop_strings), default=0)
-        self._stop_candidate: dict[int, bool] = {}
-
-    # ----- state ----------------------------------------------------------------------
-    def reset_stats(self) -> EngineStats:
-        old, self.stats = self.stats, EngineStats()
-        return old
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-    @staticmethod
-    def release(trees: Sequence[RolloutTree]) -> None:
-        """Free every cached KV state held by these trees."""
-        for t in trees:
-            t.kv.clear()
+            eos_token_ids = default_eos_ids(model, tokenizer)
+        super().__init__(tokenizer, params, max_batch_size, seed, eos_token_ids, next(model.parameters()).device)
+        self.model = model
+        self._stops = StopChecker(tokenizer, self.eos_token_ids, self.params.stop_strings)
 
     # ----- public API -----------------------------------------------------------------
-    def new_trees(self, prompts_ids: Sequence[Sequence[int]], rows=None) -> list[RolloutTree]:
-        rows = rows if rows is not None else [None] * len(prompts_ids)
-        return [RolloutTree(list(p), group=i, row=r) for i, (p, r) in enumerate(zip(prompts_ids, rows))]
-
     @torch.no_grad()
-    @_gc_paused()
-    def extend(
-        self,
-        refs: Sequence[NodeRef],
-        max_new_tokens: int | Sequence[int],
-        num_children: int | Sequence[int] = 1,
-        keep_kv: bool = False,
-        release_sources: bool = True,
-        **node_info,
-    ) -> list[list[NodeRef]]:
-        """Grow ``num_children`` children from each node, each up to ``max_new_tokens`` tokens.
-
-        Args:
-            refs: ``(tree, node_index)`` pairs; a node may appear once.
-            max_new_tokens: token limit per new segment (one value, or one per ref).
-            num_children: children per ref (one value, or one per ref; 0 skips a ref).
-            keep_kv: also keep the cached state of children that finished (EOS / stop), so
-                that later calls can continue from inside them (SPO-chain crops).
-            release_sources: drop the sources' cached states afterwards (their children now
-                hold longer ones); keep them if the same nodes will be extended again.
-            node_info: extra annotations stored on every new node (e.g. ``mc=True``).
-
-        Returns:
-            for each ref, the list of its new children's refs. A child's ``finish_reason`` is
-            ``eos``, ``stop`` or ``segment`` (the token limit was reached; the sampler decides
-            whether that means truncation).
-        """
+    @gc_paused()
+    def extend(self, refs: Sequence[NodeRef], max_new_tokens, num_children=1, keep_kv=False, release_sources=True, **node_info):
+        """:meth:`segrl.engine.base.RolloutEngine.extend`: rows that share a source state fork
+        its cached KV; sources without one are prefilled once (``refs``: a node may appear
+        once)."""
         n = len(refs)
-        lims = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        kids = [num_children] * n if isinstance(num_children, int) else list(num_children)
-        if len(lims) != n or len(kids) != n:
-            raise ValueError("max_new_tokens / num_children must be scalars or one per ref")
+        lims, kids = per_ref(refs, max_new_tokens, num_children)
         self.stats.extend_calls += 1
         self.model.eval()
         states = self._states([r for r, k in zip(refs, kids) if k > 0])
@@ -257,8 +162,10 @@ class Engine:
         want = tree.path_len(node) - 1
         for d in tree.subtree(node)[1:]:
             if d in tree.kv:
-                self.stats.kv_crops += 1
-                return self._crop(tree.kv[d], want)
+                st = self._crop(tree.kv[d], want)
+                if st is not None:
+                    self.stats.kv_crops += 1
+                    return st
         return None
 
     def _crop(self, state: KVState, positions: int) -> KVState | None:
@@ -357,93 +264,48 @@ class Engine:
         sel = torch.tensor([uniq[id(st)] for _, st, _ in rows])
         layers, umask, _ = self._stack(ustates)
         B = len(rows)
-        mask = umask[sel]
+        dev = self.device
+        mask = umask[sel].to(dev)
         if layers:
-            cache = DynamicCache(
-                ddp_cache_data=[(K.index_select(0, sel.to(K.device)), V.index_select(0, sel.to(V.device))) for K, V in layers],
-                config=self.model.config,
-            )
+            sel_d = sel.to(dev)
+            data = [(K.index_select(0, sel_d), V.index_select(0, sel_d)) for K, V in layers]
+            cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
         else:
             cache = DynamicCache(config=self.model.config)
         width0 = mask.shape[1]
-        pads = [width0 - int(m) for m in mask.sum(-1)]
+        pads = [width0 - int(m) for m in umask[sel].sum(-1)]
         paths = [p for _, _, p in rows]
-        inp = torch.tensor([p[-1] for p in paths])
-        pos = torch.tensor([len(p) - 1 for p in paths])
-        toks: list[list[int]] = [[] for _ in range(B)]
-        lps: list[list[float]] = [[] for _ in range(B)]
-        reasons: list[str | None] = [None] * B
+        inp = torch.tensor([p[-1] for p in paths], device=dev)
+        pos = torch.tensor([len(p) - 1 for p in paths], device=dev)
+        log = RowLog(limits, self._stops)
         kvs: list[KVState | None] = [None] * B
         alive = list(range(B))  # original row index of each live batch row
-        prm = self.params
-        for step in range(max(limits)):
-            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype)], dim=1)
-            out = self._forward(
-                inp[:, None].to(self.device), mask.to(self.device), pos[:, None].to(self.device), cache
-            )
+        for _ in range(max(limits)):
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            out = self._forward(inp[:, None], mask, pos[:, None], cache)
             cache = output_cache(out)
-            tok, lp = sample_tokens(out.logits[:, -1].cpu(), prm.temperature, prm.top_p, prm.top_k, self.generator)
+            tok, lp = self._sample(out.logits[:, -1])
             self.stats.decode_tokens += len(alive)
-            keep, ended = self._record(alive, tok, lp, toks, lps, paths, limits, reasons)
+            keep, ended = log.record(alive, tok, lp)
             for b, r in ended:
-                if keep_kv or reasons[r] == FinishReason.SEGMENT:
+                if keep_kv or log.reasons[r] == FinishReason.SEGMENT:
                     # KV now covers the path + all sampled tokens but the last (not yet fed).
                     kvs[r] = [(l.keys[b, :, pads[r] :].clone(), l.values[b, :, pads[r] :].clone()) for l in cache.layers]
             if len(keep) < len(alive):
                 if not keep:
                     break
-                kt = torch.tensor(keep)
-                cache.batch_select_indices(kt.to(self.device))
+                kt = torch.tensor(keep).to(dev, non_blocking=True)
+                cache.batch_select_indices(kt)
                 mask = mask[kt]
                 alive = [alive[b] for b in keep]
                 tok = tok[kt]
                 pos = pos[kt]
             inp = tok
             pos = pos + 1
-        return [(toks[r], lps[r], reasons[r], kvs[r]) for r in range(B)]
+        lps = log.logprobs()
+        return [(log.tokens(r), lps[r], log.reasons[r], kvs[r]) for r in range(B)]
 
-    def _record(self, alive, tok, lp, toks, lps, paths, limits, reasons) -> tuple[list[int], list[tuple[int, int]]]:
-        """Append one step's sampled tokens to the live rows (``alive[b]`` = row of batch
-        position b) and set the reasons of rows that ended. Returns (batch positions that go
-        on, ``(b, row)`` of those that ended)."""
-        tl, ll = tok.tolist(), lp.tolist()
-        keep: list[int] = []
-        ended: list[tuple[int, int]] = []
-        for b, r in enumerate(alive):
-            toks[r].append(tl[b])
-            lps[r].append(ll[b])
-            reason = self._finish_reason(tl[b], paths[r], toks[r], limits[r])
-            if reason is None:
-                keep.append(b)
-            else:
-                reasons[r] = reason
-                ended.append((b, r))
-        return keep, ended
-
-    def _finish_reason(self, tok: int, path: list[int], gen: list[int], limit: int) -> str | None:
-        """Why a row ends after sampling ``tok`` (``gen`` already holds it), or None."""
-        if tok in self.eos_token_ids:
-            return FinishReason.EOS
-        if self._max_stop_chars and self._may_stop(tok) and self._hit_stop(path, gen):
-            return FinishReason.STOP
-        if len(gen) >= limit:
-            return FinishReason.SEGMENT
-        return None
-
-    def _may_stop(self, tok: int) -> bool:
-        """Whether sampling ``tok`` can complete a stop string: its text holds the last
-        character of one, or is partial/empty (a byte of a multi-byte character). Checked
-        first so that the tail is decoded only for these tokens (decoding every row at
-        every step cost ~15% of the decode loop)."""
-        hit = self._stop_candidate.get(tok)
-        if hit is None:
-            text = self.tokenizer.decode([tok], skip_special_tokens=False)
-            hit = not text or "\ufffd" in text or any(not s or s[-1] in text for s in self.params.stop_strings)
-            self._stop_candidate[tok] = hit
-        return hit
-
-    def _hit_stop(self, path: list[int], gen: list[int]) -> bool:
-        # Decode a short tail (a token is at least one character for these tokenizers).
-        tail = gen[-(self._max_stop_chars + 2) :]
-        text = self.tokenizer.decode(tail, skip_special_tokens=False)
-        return any(s in text for s in self.params.stop_strings)
+    def _sample(self, logits: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and log-probs drawn where the logits are (the device generator)."""
+        prm = self.params
+        return sample_tokens(logits, prm.temperature, prm.top_p, prm.top_k, self.device_generator, order)

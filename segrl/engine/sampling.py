@@ -1,5 +1,8 @@
 """Token sampling from logits: temperature, top-k, top-p, and the log-prob we record.
 
+Everything runs where the logits are (CPU or GPU) with the engine's generator on that
+device: no ``[rows x vocab]`` copy to the host; only the sampled ids go there.
+
 The recorded log-prob is ``log_softmax(logits / temperature)`` of the sampled token, before
 top-k/top-p truncation. That is what the trainer recomputes (TRL does the same), so the PPO
 ratio of the first iteration is exactly 1.
@@ -9,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-
 #: Logit gaps below the row's maximum are floored here before ``exp``: an LM's logits span
-#: far more than 87 nats, and exp's denormal results (gaps beyond ~87) are much slower on
-#: x86 CPUs (256 rows x 49k logits of spread 30: 184 ms plain, 45 ms floored). A floored
+#: far more than 87 nats, and exp's denormal results (gaps beyond ~87) are several times
+#: slower on x86 CPUs. A floored
 #: token weighs e^-80 ~ 2e-35 of the top one; tokens removed by top-k/top-p stay exactly 0.
 EXP_FLOOR = -80.0
 
@@ -75,16 +77,16 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     index whose cumulative mass exceeds a uniform draw in ``[0, total)``.
 
     Same distribution as ``torch.multinomial(probs, 1)``, but one random number per row
-    instead of one per vocabulary entry (multinomial took ~37 ms per step for 32 rows with a
-    49k vocabulary). A large vocabulary is searched in two levels: the float64 cumulative
+    instead of one per vocabulary entry (multinomial's cost on the CPU grows with the
+    vocabulary). A large vocabulary is searched in two levels: the float64 cumulative
     sum of per-block masses picks a block of :data:`CDF_BLOCK` entries, then the cumulative
-    sum inside that block picks the entry (a full float64 cumsum over ``[B, V]`` cost
-    ~0.5 ms per row at 49k). Cumulative sums are in float64 and a zero-probability entry
+    sum inside that block picks the entry (a full float64 cumsum over ``[B, V]`` is the
+    slow part otherwise). Cumulative sums are in float64 and a zero-probability entry
     never raises them, so it is never drawn."""
     B, V = probs.shape
-    u = torch.rand(B, 1, generator=generator, dtype=torch.float64)
+    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device)
     if order is not None:
-        u = u[order]
+        u = u[order.to(probs.device, non_blocking=True)]
     if V <= 4 * CDF_BLOCK:
         cdf = probs.double().cumsum(-1)
         tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
@@ -93,13 +95,13 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     if nb * CDF_BLOCK != V:
         probs = torch.nn.functional.pad(probs, (0, nb * CDF_BLOCK - V))
     blocks = probs.view(B, nb, CDF_BLOCK)
-    # Block masses summed in float32 (a float64 reduction over [B, V] is ~25x slower); an
+    # Block masses summed in float32 (a float64 reduction over [B, V] is much slower); an
     # all-zero block still sums to exactly 0.
     cdf = blocks.sum(-1).double().cumsum(-1)  # [B, nb]
     u = u * cdf[:, -1:]
     blk = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)  # [B, 1]
     before = torch.where(blk > 0, cdf.gather(-1, (blk - 1).clamp(min=0)), 0.0)
-    inner = blocks[torch.arange(B), blk[:, 0]]  # [B, CDF_BLOCK]
+    inner = blocks[torch.arange(B, device=probs.device), blk[:, 0]]  # [B, CDF_BLOCK]
     j = torch.searchsorted(inner.double().cumsum(-1), u - before, right=True)
     # Rounding can put the residual at or past the block's own total: take its last
     # positive entry then (never a zero-probability one).

@@ -39,12 +39,13 @@ Weight sync
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..tree import FinishReason, RolloutTree
-from .hf_engine import EngineStats, NodeRef, SamplingParams
+from ..tree import FinishReason
+from .base import EngineBase, NodeRef, SamplingParams, default_eos_ids, per_ref
+from .registry import register_backend
 
 
 def _import_vllm():
@@ -83,8 +84,8 @@ def hf_weights_for_vllm(model) -> list[tuple[str, torch.Tensor]]:
     return [(n, p.detach()) for n, p in base.state_dict().items()]
 
 
-class VLLMEngine:
-    """Rollout engine on vLLM; drop-in for :class:`~segrl.engine.hf_engine.Engine` in samplers.
+class VLLMEngine(EngineBase):
+    """Rollout engine on vLLM (:class:`~segrl.engine.base.RolloutEngine`).
 
     Args:
         model: a ``vllm.LLM`` instance, or a local model directory / model id to build one.
@@ -114,36 +115,11 @@ class VLLMEngine:
             kw = dict(enable_prefix_caching=True, seed=seed, logprobs_mode="processed_logprobs")
             kw.update(llm_kwargs)
             model = vllm.LLM(model=str(model), tokenizer=str(model), **kw)
-        self.llm = model
-        self.tokenizer = tokenizer
-        self.params = params or SamplingParams()
-        self.max_batch_size = max_batch_size
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
         if eos_token_ids is None:
             eos = tokenizer.eos_token_id
             eos_token_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        self.eos_token_ids = set(int(e) for e in eos_token_ids)
-        self.stats = EngineStats()
-
-    # ----- state (same as Engine) ---------------------------------------------------------
-    def reset_stats(self) -> EngineStats:
-        old, self.stats = self.stats, EngineStats()
-        return old
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-    @staticmethod
-    def release(trees: Sequence[RolloutTree]) -> None:
-        for t in trees:
-            t.kv.clear()
-
-    def new_trees(self, prompts_ids: Sequence[Sequence[int]], rows=None) -> list[RolloutTree]:
-        rows = rows if rows is not None else [None] * len(prompts_ids)
-        return [RolloutTree(list(p), group=i, row=r) for i, (p, r) in enumerate(zip(prompts_ids, rows))]
+        super().__init__(tokenizer, params, max_batch_size, seed, eos_token_ids)  # host generator: request seeds
+        self.llm = model
 
     # ----- weights ------------------------------------------------------------------------
     def sync_weights(self, model) -> int:
@@ -174,6 +150,7 @@ class VLLMEngine:
             top_k=(p.top_k if (p.top_k and not greedy) else -1),
             stop=list(p.stop_strings) or None,
             stop_token_ids=sorted(self.eos_token_ids),
+            ignore_eos=bool(p.ignore_eos),
             include_stop_str_in_output=True,
             skip_special_tokens=False,
             logprobs=0,
@@ -182,23 +159,12 @@ class VLLMEngine:
         )
 
     @torch.no_grad()
-    def extend(
-        self,
-        refs: Sequence[NodeRef],
-        max_new_tokens: int | Sequence[int],
-        num_children: int | Sequence[int] = 1,
-        keep_kv: bool = False,
-        release_sources: bool = True,
-        **node_info,
-    ) -> list[list[NodeRef]]:
-        """Same contract as :meth:`segrl.engine.hf_engine.Engine.extend`."""
+    def extend(self, refs: Sequence[NodeRef], max_new_tokens, num_children=1, keep_kv=False, release_sources=True, **node_info):
+        """:meth:`segrl.engine.base.RolloutEngine.extend` (``keep_kv`` / ``release_sources`` ignored)."""
         from vllm.inputs import TokensPrompt
 
         n = len(refs)
-        lims = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        kids = [num_children] * n if isinstance(num_children, int) else list(num_children)
-        if len(lims) != n or len(kids) != n:
-            raise ValueError("max_new_tokens / num_children must be scalars or one per ref")
+        lims, kids = per_ref(refs, max_new_tokens, num_children)
         self.stats.extend_calls += 1
         out: list[list[NodeRef]] = [[] for _ in range(n)]
         todo = [i for i in range(n) if kids[i] > 0 and lims[i] > 0]
@@ -245,21 +211,27 @@ def _token_logprobs(c, toks: list[int]) -> list[float]:
     return out
 
 
-def vllm_engine_for(cfg):
-    """An engine factory with :class:`~segrl.engine.hf_engine.Engine`'s constructor signature
-    ``(model, tokenizer, params, max_batch_size, seed)`` that builds a :class:`VLLMEngine` on
-    the run's model directory (``model.name_or_path`` resolved) with the run's dtype. Used by
-    the trainer for ``sampling.backend=vllm``; the policy's current weights are pushed into
-    vLLM right away, so a resumed or LoRA run samples from the right policy."""
+#: ``vllm.LLM`` instances by (model directory, dtype): the training and the evaluation
+#: engines of a run share one copy of the model on the device.
+_LLMS: dict[tuple[str, str], object] = {}
 
-    def make(model, tokenizer, params, max_batch_size=512, seed=0):
-        from ..models.loading import resolve_model_path
 
-        dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # as the HF engine
-        eos = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        eng = VLLMEngine(resolve_model_path(cfg.model.name_or_path), tokenizer, params, max_batch_size, seed, eos, dtype=dtype)
-        eng.sync_weights(model)
-        return eng
+@register_backend("vllm")
+def build_vllm(cfg, model, tokenizer, params, max_batch_size=512, seed=0) -> VLLMEngine:
+    """The ``vllm`` backend of :func:`segrl.engine.registry.make_engine`: a :class:`VLLMEngine`
+    on the run's model directory (``model.name_or_path`` resolved) with the run's dtype. The
+    policy's current weights are pushed into vLLM right away, so a resumed or LoRA run (and
+    an evaluation after updates) samples from the right policy."""
+    from ..models.loading import resolve_model_path
 
-    return make
+    dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(cfg.model.dtype, "auto")
+    path = resolve_model_path(cfg.model.name_or_path)
+    eos = default_eos_ids(model, tokenizer)  # as the HF engine
+    llm = _LLMS.get((path, dtype))
+    if llm is None:
+        eng = VLLMEngine(path, tokenizer, params, max_batch_size, seed, eos, dtype=dtype)
+        _LLMS[(path, dtype)] = eng.llm
+    else:
+        eng = VLLMEngine(llm, tokenizer, params, max_batch_size, seed, eos)
+    eng.sync_weights(model)
+    return eng

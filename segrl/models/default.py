@@ -1,7 +1,7 @@
 """The embedded default model: a tiny character-level LLaMA shipped inside the package.
 
 It is warm-started on the arithmetic task (:mod:`segrl.tasks.arithmetic`) and loads offline;
-rebuild it with ``python -m segrl.models.build_default --out segrl/models/assets/default``.
+rebuild it with ``segrl build-default-model --out segrl/models/assets/default``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def load_default(device: str = "cpu") -> tuple[LlamaForCausalLM, PreTrainedToken
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"default model not found at {path}; build it with "
-            "`python -m segrl.models.build_default --out segrl/models/assets/default`"
+            "`segrl build-default-model --out segrl/models/assets/default`"
         )
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True)

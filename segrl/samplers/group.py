@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..engine.hf_engine import Engine
+from ..engine.base import RolloutEngine, release
 from ..tree import FinishReason, RolloutTree
 
 
-def sample_groups(engine: Engine, trees: Sequence[RolloutTree], n: int, max_new_tokens: int) -> None:
+def sample_groups(engine: RolloutEngine, trees: Sequence[RolloutTree], n: int, max_new_tokens: int) -> None:
     """Grow ``n`` leaves of up to ``max_new_tokens`` tokens under each root, in one engine call.
 
     Leaves that hit the token limit are marked ``length`` (truncated).
@@ -21,7 +21,7 @@ def sample_groups(engine: Engine, trees: Sequence[RolloutTree], n: int, max_new_
         for leaf in t.leaves():
             if t[leaf].finish_reason == FinishReason.SEGMENT:
                 t[leaf].finish_reason = FinishReason.LENGTH
-    Engine.release(trees)
+    release(trees)
 
 
 class GroupSampler:
@@ -35,10 +35,10 @@ class GroupSampler:
     def __init__(self, num_generations: int, max_completion_length: int):
         self.n, self.max_len = num_generations, max_completion_length
 
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+    def sample(self, engine: RolloutEngine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
         """Grow the groups (no scoring); no sampler metrics."""
         sample_groups(engine, trees, self.n, self.max_len)
         return {}
 
-    def __call__(self, engine: Engine, trees: Sequence[RolloutTree]) -> None:
+    def __call__(self, engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
         self.sample(engine, trees)

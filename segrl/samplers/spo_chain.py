@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..engine.hf_engine import Engine
+from ..engine.base import RolloutEngine, release
 from ..tree import FinishReason, NodeInfo, RolloutTree
 from .partition import Partition, cap_boundaries, make_partition
 
@@ -61,7 +61,7 @@ class SPOChainSampler:
         self.cap_rule = cap_rule
 
     # ----- the three phases ----------------------------------------------------------
-    def sample_trajectories(self, engine: Engine, trees: Sequence[RolloutTree]) -> None:
+    def sample_trajectories(self, engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
         """``N`` trajectories per root, keeping their KV for the MC continuations."""
         engine.extend([(t, 0) for t in trees], self.max_len, self.n, keep_kv=True)
         for t in trees:
@@ -103,7 +103,7 @@ class SPOChainSampler:
                 t[node].info.update({NodeInfo.SPO_BOUNDS: list(bounds), NodeInfo.SPO_NODES: nodes, NodeInfo.SPO_CANDIDATES: n_cand})
         return requests
 
-    def continue_mc(self, engine: Engine, requests: Sequence[tuple[RolloutTree, int]]) -> list[tuple[RolloutTree, int]]:
+    def continue_mc(self, engine: RolloutEngine, requests: Sequence[tuple[RolloutTree, int]]) -> list[tuple[RolloutTree, int]]:
         """``K`` continuations from every boundary node in one engine call (crops of the
         trajectories' KV); returns the MC leaves."""
         if not requests:
@@ -118,7 +118,7 @@ class SPOChainSampler:
                 out.append((t, c))
         return out
 
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+    def sample(self, engine: RolloutEngine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
         """All three phases (no scoring: the algorithm scores every leaf, MC continuations
         included, and computes the values); returns SPO-chain metrics."""
         if self.partition is None:
@@ -128,7 +128,7 @@ class SPOChainSampler:
         traj_tokens = engine.stats.decode_tokens - decoded0
         requests = self.split(trees)
         mc_leaves = self.continue_mc(engine, requests)
-        Engine.release(trees)
+        release(trees)
         trajs = [(t, leaf) for t in trees for leaf in t.leaves(include_mc=False)]
         counts = [len(t[l].info[NodeInfo.SPO_BOUNDS]) for t, l in trajs]
         seg_lens = [e - s for t, l in trajs for s, e in _segments(t[l].info[NodeInfo.SPO_BOUNDS], t.completion_len(l))]

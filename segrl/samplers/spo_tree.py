@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..engine.hf_engine import Engine
+from ..engine.base import RolloutEngine, release
 from ..tree import FinishReason, RolloutTree
 
 
@@ -53,7 +53,7 @@ class SPOTreeSampler:
         self.max_len = max_completion_length
         self.unbounded = last_segment_unbounded
 
-    def grow(self, engine: Engine, trees: Sequence[RolloutTree]) -> list[tuple[RolloutTree, int]]:
+    def grow(self, engine: RolloutEngine, trees: Sequence[RolloutTree]) -> list[tuple[RolloutTree, int]]:
         """Build the trees; returns their leaves (all of them are trajectories)."""
         frontier = [(t, 0) for t in trees]
         leaves: list[tuple[RolloutTree, int]] = []
@@ -81,10 +81,10 @@ class SPOTreeSampler:
                         leaves.append((t, c))
                     else:
                         frontier.append((t, c))
-        Engine.release(trees)
+        release(trees)
         return leaves
 
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+    def sample(self, engine: RolloutEngine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
         """Grow the trees (no scoring: the algorithm scores the leaves and computes the
         values); returns ``tree/*`` and ``segments/*`` metrics."""
         decoded0 = engine.stats.decode_tokens

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine.cascade_engine import CascadeEngine, unsupported_reason
-from ..engine.hf_engine import Engine, _gc_paused
+from ..engine.base import RolloutEngine, gc_paused, release
 from ..tree import FinishReason, NodeInfo, RolloutTree
 from .treepo_rules import (  # noqa: F401  (re-exported: the sampler's public helpers)
     _MAX_TOKEN_CHARS,
@@ -109,27 +108,27 @@ class TreePOSampler:
         return cls(cfg, width=k, divergence=cfg.treepo.eval_divergence, budget_mode="leaves")
 
     # ----- public API ----------------------------------------------------------------------
-    def sample(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+    def sample(self, engine: RolloutEngine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
         """Grow ``trees`` (no scoring); ``progress`` is the fraction of training done (the
         divergence-temperature schedule), None outside training. Returns ``tree/*`` metrics."""
         return self.grow(engine, trees, progress)
 
-    def __call__(self, engine: Engine, trees: Sequence[RolloutTree]) -> None:
+    def __call__(self, engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
         self.grow(engine, trees)
 
-    def eval_sampler(self, k: int) -> Callable[[Engine, Sequence[RolloutTree]], None]:
+    def eval_sampler(self, k: int) -> Callable[[RolloutEngine, Sequence[RolloutTree]], None]:
         """A ``sampler(engine, trees)`` for evaluation that leaves exactly ``k`` leaves per tree
         (:meth:`for_eval`); its ``.treepo`` is that sampler (``.treepo.last_metrics``)."""
         sub = TreePOSampler.for_eval(self.cfg, k)
 
-        def sampler(engine: Engine, trees: Sequence[RolloutTree]) -> None:
+        def sampler(engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
             sub.grow(engine, trees)
 
         sampler.treepo = sub  # type: ignore[attr-defined]
         return sampler
 
-    @_gc_paused()  # between rounds too: the trees' nodes and token lists form no cycles
-    def grow(self, engine: Engine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
+    @gc_paused()  # between rounds too: the trees' nodes and token lists form no cycles
+    def grow(self, engine: RolloutEngine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
         """Sample the trees (no scoring). Returns ``tree/*`` metrics; frees all cached KV."""
         g = engine.generator
         temperature = self._temperature(progress)
@@ -142,7 +141,6 @@ class TreePOSampler:
             k0 = min(k0, self.width)
             states.append(_Prompt(t, self.width, {0: k0}, initial_width=k0))
         decoded0, prefill0 = engine.stats.decode_tokens, engine.stats.prefill_tokens
-        engine = self._engine(engine)
         self.trace = []
         cap = self.tp.max_rows_in_flight
         max_rounds = self.tp.max_rounds or (self.tp.max_depth * (self.width + 1) + 1) * (len(states) if cap else 1)
@@ -162,7 +160,7 @@ class TreePOSampler:
                 self._round(engine, served, temperature, g)
                 self.trace.append([(s.in_flight(), len(s.finished)) for s in states])
         finally:
-            Engine.release(trees)
+            release(trees)
         for s in states:
             s.tree[0].info[NodeInfo.TREEPO] = {
                 "width": s.width,
@@ -178,20 +176,6 @@ class TreePOSampler:
             m["tree/divergence_temperature"] = temperature
         self.last_metrics = m
         return m
-
-    def _engine(self, engine: Engine) -> Engine:
-        """The engine to grow trees with: a cascade-attention view of ``engine`` (same model,
-        generator and counters) under ``kv_sharing='cascade'`` when the model allows it."""
-        if self.tp.kv_sharing != "cascade" or isinstance(engine, CascadeEngine) or type(engine) is not Engine:
-            return engine
-        if unsupported_reason(engine.model) is not None:
-            return engine
-        view = getattr(engine, "_cascade_view", None)
-        if view is None or view.model is not engine.model:
-            # Kept on the engine: its KV pools are reused by every later round and step.
-            view = engine._cascade_view = CascadeEngine.from_engine(engine)
-        view.sync(engine)
-        return view
 
     @staticmethod
     def _admit(states: list[_Prompt], admitted: int, cap: int) -> tuple[list[_Prompt], int]:
@@ -211,7 +195,7 @@ class TreePOSampler:
         return served, admitted
 
     # ----- one round ---------------------------------------------------------------------
-    def _round(self, engine: Engine, states: list[_Prompt], temperature: float, g: torch.Generator) -> None:
+    def _round(self, engine: RolloutEngine, states: list[_Prompt], temperature: float, g: torch.Generator) -> None:
         tp = self.tp
         refs, lims, kids, meta = [], [], [], []
         for s in states:
@@ -409,7 +393,7 @@ class TreePOSampler:
         return t1 + (t0 - t1) * 0.5 * (1 + math.cos(math.pi * p))
 
     # ----- depth-first fallback -------------------------------------------------------------
-    def _fallback(self, s: _Prompt, width: int, g: torch.Generator, engine: Engine | None = None) -> None:
+    def _fallback(self, s: _Prompt, width: int, g: torch.Generator, engine: RolloutEngine | None = None) -> None:
         """Regrow ``width - finished`` paths from cut points of finished leaves. With
         ``engine``, a cut point's state is cropped from its leaf's cached state where the
         engine can (the KV of the kept prefix is exactly that of a forward pass over it);

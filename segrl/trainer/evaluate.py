@@ -12,7 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..engine.hf_engine import Engine, SamplingParams
+from ..engine.base import SamplingParams
+from ..engine.registry import make_engine
 from ..models.loading import encode_prompt
 from ..samplers.group import sample_groups
 from ..samplers.registry import make_sampler
@@ -74,15 +75,21 @@ def evaluate(
     max_batch_size: int = 512,
     rows: Sequence[dict] | None = None,
     sampler=None,
+    cfg=None,
 ) -> EvalResult:
     """Sample ``k`` completions for each of the first ``num_problems`` test rows and grade them.
 
     ``sampler(engine, trees)`` may replace independent sampling (e.g. TreePO trees); it must
-    leave ``k`` leaves per tree.
+    leave ``k`` leaves per tree. ``cfg`` (a :class:`~segrl.configs.SegrlConfig`) picks the
+    rollout engine (``sampling.backend``, ``sampling.kv_sharing``); default: the ``hf`` backend.
     """
     rows = list(rows if rows is not None else task.test)[:num_problems]
     params = SamplingParams(temperature=temperature, top_p=top_p, stop_strings=tuple(task.stop_strings))
-    engine = Engine(model, tokenizer, params, max_batch_size=max_batch_size, seed=seed)
+    if cfg is None:
+        from ..configs import SegrlConfig
+
+        cfg = SegrlConfig()
+    engine = make_engine(cfg, model, tokenizer, seed=seed, params=params, max_batch_size=max_batch_size)
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]  # chat template if set up
     trees = engine.new_trees(prompts, rows)
     if sampler is None:
@@ -133,4 +140,5 @@ def evaluate_config(model, tokenizer, task: Task, cfg) -> EvalResult:
         seed=cfg.train.seed + EVAL_SEED_OFFSET,
         max_batch_size=cfg.sampling.max_batch_size,
         sampler=sampler,
+        cfg=cfg,
     )

@@ -34,7 +34,8 @@ from ..algos.losses import LossNormalizer, policy_loss
 from ..algos.samples import TrainSample
 from ..configs import SegrlConfig, to_dict
 from ..models.loading import encode_prompt
-from ..engine.hf_engine import Engine, SamplingParams
+from ..engine.base import SamplingParams
+from ..engine.registry import make_engine
 from ..tasks.base import Task
 from ..tree import FinishReason, RolloutTree, save_jsonl
 from .batching import Batch, collate, micro_batches, sort_for_sharing
@@ -114,16 +115,11 @@ class Trainer:
         self.logger = MetricsLogger(log_dir, cfg.log.report_to if main else [], console)
         self.console = self.logger.console
         stops = tuple(cfg.sampling.stop_strings) + tuple(task.stop_strings)
-        engine_cls = Engine
-        if cfg.sampling.backend == "vllm":  # same interface; weights synced after each update
-            from ..engine.vllm_engine import vllm_engine_for
-
-            engine_cls = vllm_engine_for(cfg)
-        self.engine = engine_cls(
+        self.engine = make_engine(
+            cfg,
             self.model,
             self.tokenizer,
-            SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, stops),
-            max_batch_size=cfg.sampling.max_batch_size,
+            params=SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, stops),
             seed=cfg.train.seed + 1009 * self.dist.rank,
         )
         self.scorer = Scorer(task, list(reward_funcs or []), cfg.data, self.tokenizer)

@@ -9,7 +9,7 @@ extra memory the forward/backward needs on top of the weights; on CUDA it is
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Each child also
 reports the loss and the gradient norm, so the chunked and unchunked runs can be compared::
 
-    python -m segrl.bench_memory --model smollm2-135m --batch 64 --length 256 --chunks 0,16
+    python -m segrl.programs.bench_memory --model smollm2-135m --batch 64 --length 256 --chunks 0,16
 
 (with a 49,152-token vocabulary one unchunked 64 x 256 batch holds 3.2 GB of fp32 logits, and
 about as much again for the softmax in backward).
@@ -46,9 +46,9 @@ def child(a) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    from .algos.logprobs import sequence_logprobs
-    from .configs import ModelConfig
-    from .models.loading import load_model_and_tokenizer
+    from ..algos.logprobs import sequence_logprobs
+    from ..configs import ModelConfig
+    from ..models.loading import load_model_and_tokenizer
 
     mc = ModelConfig(name_or_path=a.model, device=a.device, dtype=a.dtype, gradient_checkpointing=a.grad_ckpt)
     model, _ = load_model_and_tokenizer(mc)
@@ -115,7 +115,7 @@ def main(argv=None):
         return None
     results = []
     for c in [int(x) for x in a.chunks.split(",")]:
-        cmd = [sys.executable, "-m", "segrl.bench_memory", "--chunk", str(c)] + [
+        cmd = [sys.executable, "-m", "segrl.programs.bench_memory", "--chunk", str(c)] + [
             f"--{k}={v}" for k, v in (("model", a.model), ("batch", a.batch), ("length", a.length), ("prompt", a.prompt),
                                       ("grad-ckpt", int(a.grad_ckpt)), ("device", a.device), ("dtype", a.dtype), ("threads", a.threads))
         ]

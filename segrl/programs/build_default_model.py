@@ -1,6 +1,6 @@
 """Build the embedded default model: a tiny LLaMA warm-started on the arithmetic task.
 
-``python -m segrl.models.build_default --out segrl/models/assets/default`` rebuilds the shipped
+``segrl build-default-model --out segrl/models/assets/default`` rebuilds the shipped
 model from scratch on CPU (fp32, plain torch loop, AdamW), deterministically from ``seed``.
 
 The supervised stage (SFT on ``prompt + solution + <eos>``, loss on the completion tokens only)

@@ -8,8 +8,8 @@ prefill tokens, wall-clock, trajectories/s, decoded tokens/s and trajectory toke
 the tree/independent ratios and ``wall saving / decoded-token saving`` (goal >= 0.8: the
 decoded-token saving turns into wall-clock saving).
 
-    python -m segrl.bench_treepo                      # embedded model, then smollm2-135m if available
-    python -m segrl.bench_treepo --models default --prompts 64 --width 16 --repeats 3
+    python -m segrl.programs.bench_treepo                      # embedded model, then smollm2-135m if available
+    python -m segrl.programs.bench_treepo --models default --prompts 64 --width 16 --repeats 3
 
 The default batch is RL-sized: 256 prompts x 16 leaves (4,096 trajectories; TreePO's runs
 sample 512 x 16 per step) on the embedded model, 64 x 16 on other models, with at most 512
@@ -36,25 +36,22 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _load(name: str):
-    from .configs import ModelConfig
-    from .models.loading import load_model_and_tokenizer
+def _load(name: str, device: str = "cpu", dtype: str = "float32"):
+    from .bench import load
 
-    model, tok = load_model_and_tokenizer(ModelConfig(name_or_path=name))
-    model.eval()
-    return model, tok
+    return load(name, device, dtype)
 
 
 def _available(name: str) -> str | None:
     """None if the model can be loaded, else why not."""
     if name == "default":
-        from .models.default import default_model_path
+        from ..models.default import default_model_path
 
         p = default_model_path() / "model.safetensors"
         return None if p.is_file() else f"embedded model not built yet ({p} missing)"
     from pathlib import Path
 
-    from .models import loading
+    from ..models import loading
 
     if Path(name).is_dir():
         return None
@@ -74,55 +71,60 @@ def _available(name: str) -> str | None:
 
 def _encode(tok, prompt: str) -> list[int]:
     try:
-        from .models.loading import encode_prompt
+        from ..models.loading import encode_prompt
 
         return encode_prompt(tok, prompt)
     except ImportError:
         return tok(prompt, add_special_tokens=True)["input_ids"]
 
 
-def _cfg(width: int, max_len: int, segment_length: int, max_depth: int, divergence: int, initial_width: int, max_rows: int | None = None, kv_sharing: str = "cascade"):
-    from .configs import SegrlConfig, TreePOConfig
+def _cfg(width: int, max_len: int, segment_length: int, max_depth: int, divergence: int, initial_width: int, max_rows: int | None = None):
+    from ..configs import SegrlConfig, TreePOConfig
 
     cfg = SegrlConfig()
     cfg.sampling.max_completion_length = max_len
     cfg.train.num_generations = width
     cfg.treepo = TreePOConfig(
         segment_length=segment_length, max_depth=max_depth, width=width, divergence=divergence,
-        initial_width=initial_width, max_rows_in_flight=max_rows, kv_sharing=kv_sharing,
+        initial_width=initial_width, max_rows_in_flight=max_rows,
     )
     return cfg
 
 
-#: The samplers compared. 'independent': every prompt's leaves in one engine call (static
-#: batches of at most max_batch_size rows) on the cascade engine (the prompt's KV read once
-#: for its samples); 'independent_copy': the same on :class:`Engine` (a DynamicCache row per
-#: sample, what ``segrl train --algo grpo`` uses); 'independent_rounds': the same leaves as a
+#: The samplers compared. 'independent': every prompt's leaves in one engine call on the
+#: engine the factory gives (on the CPU the cascade engine: the prompt's KV read once for its
+#: samples; what ``segrl train --algo grpo`` uses); 'independent_copy': the same on the copy
+#: engine (a DynamicCache row per sample); 'independent_rounds': the same leaves as a
 #: degenerate tree (all leaves start at the prompt, one child per path per round) run by the
 #: TreePO scheduler, i.e. independent sampling with the tree's continuous batching.
 SAMPLERS = ("independent", "independent_copy", "independent_rounds", "treepo")
 
 
-def _copy_engine(engine):
-    """A plain :class:`Engine` on ``engine``'s model, sharing its generator and counters."""
-    from .engine.hf_engine import Engine
+def _copy_engine(engine, cfg):
+    """The copy engine (``sampling.kv_sharing=copy``) on ``engine``'s model, sharing its
+    generators and counters (made once per engine)."""
+    import copy
 
-    if type(engine) is Engine:
-        return engine
+    from ..engine.registry import make_engine
+
     eng = engine.__dict__.get("_copy")
     if eng is None:
-        eng = engine._copy = Engine(engine.model, engine.tokenizer, engine.params, engine.max_batch_size, eos_token_ids=sorted(engine.eos_token_ids))
-    eng.generator, eng.stats = engine.generator, engine.stats
+        c = copy.deepcopy(cfg)
+        c.sampling.kv_sharing = "copy"
+        eng = engine._copy = make_engine(c, engine.model, engine.tokenizer, params=engine.params, max_batch_size=engine.max_batch_size)
+    eng.generator, eng.device_generator, eng.stats = engine.generator, engine.device_generator, engine.stats
     return eng
 
 
 def _run(engine, prompt_ids, rows, sampler: str, cfg, seed: int) -> dict:
     import copy
 
-    from .samplers.group import sample_groups
-    from .samplers.treepo import TreePOSampler
+    from ..samplers.group import sample_groups
+    from ..samplers.treepo import TreePOSampler
+    from .bench import sync
 
     engine.generator.manual_seed(seed)
+    engine.device_generator.manual_seed(seed)
     engine.reset_stats()
     trees = engine.new_trees(prompt_ids, rows)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -134,9 +136,10 @@ def _run(engine, prompt_ids, rows, sampler: str, cfg, seed: int) -> dict:
         flat.treepo.divergence = 1
         TreePOSampler(flat).grow(engine, trees)
     elif sampler == "independent_copy":
-        sample_groups(_copy_engine(engine), trees, cfg.treepo.width, cfg.sampling.max_completion_length)
+        sample_groups(_copy_engine(engine, cfg), trees, cfg.treepo.width, cfg.sampling.max_completion_length)
     else:
         sample_groups(engine, trees, cfg.treepo.width, cfg.sampling.max_completion_length)
+    sync(engine.device)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
     st = engine.stats
@@ -153,6 +156,21 @@ def _run(engine, prompt_ids, rows, sampler: str, cfg, seed: int) -> dict:
     }
 
 
+def _task_prompts(tok, task_name: str, prompts: int):
+    """``(task, rows, prompt ids)``: the first ``prompts`` held-out rows of the task."""
+    if task_name == "arithmetic":
+        from ..tasks.arithmetic import make_arithmetic_task
+
+        task = make_arithmetic_task(n_train=10, n_test=max(prompts, 10), seed=1234)
+    else:
+        from ..configs import DataConfig
+        from ..tasks.registry import load_task
+
+        task = load_task(DataConfig(task=task_name))
+    rows = list(task.test)[:prompts]
+    return task, rows, [_encode(tok, r["prompt"]) for r in rows]
+
+
 def bench_model(
     name: str,
     prompts: int = 32,
@@ -166,33 +184,28 @@ def bench_model(
     max_batch_size: int = 512,
     seed: int = 0,
     task_name: str = "arithmetic",
-    engine_kind: str = "cascade",
+    engine_kind: str = "auto",
     max_rows: int | None = None,
     samplers: tuple[str, ...] | None = None,
+    loaded=None,
 ) -> dict:
     """Run the samplers in alternation; medians per sampler and tree/independent ratios.
 
-    ``max_rows``: row capacity (continuous batching over prompts for the tree and
-    ``independent_rounds``; static batches of that size for ``independent``). The tree is
-    compared with the faster independent sampler."""
-    from .engine.cascade_engine import CascadeEngine
-    from .engine.hf_engine import Engine, SamplingParams
+    ``engine_kind``: the engine's ``sampling.kv_sharing`` (``auto``, ``cascade``, ``flat``,
+    ``copy``; ``hf`` = ``copy``). ``max_rows``: row capacity (continuous batching over
+    prompts for the tree and ``independent_rounds``; static batches of that size for
+    ``independent``). ``loaded``: ``(model, tokenizer)`` already loaded (else ``name`` is
+    loaded on the CPU). The tree is compared with the faster independent sampler."""
+    from ..engine.base import SamplingParams
+    from ..engine.registry import make_engine
 
-    model, tok = _load(name)
-    if task_name == "arithmetic":
-        from .tasks.arithmetic import make_arithmetic_task
-
-        task = make_arithmetic_task(n_train=10, n_test=max(prompts, 10), seed=1234)
-    else:
-        from .configs import DataConfig
-        from .tasks.registry import load_task
-
-        task = load_task(DataConfig(task=task_name))
-    rows = list(task.test)[:prompts]
-    prompt_ids = [_encode(tok, r["prompt"]) for r in rows]
-    cls = CascadeEngine if engine_kind == "cascade" else Engine
-    engine = cls(model, tok, SamplingParams(1.0, 1.0, 0, tuple(task.stop_strings)), max_batch_size=max_rows or max_batch_size, seed=seed)
-    cfg = _cfg(width, max_len, segment_length, max_depth, divergence, initial_width, max_rows, "cascade" if engine_kind == "cascade" else "copy")
+    model, tok = loaded or _load(name)
+    task, rows, prompt_ids = _task_prompts(tok, task_name, prompts)
+    kv = "copy" if engine_kind == "hf" else engine_kind
+    cfg = _cfg(width, max_len, segment_length, max_depth, divergence, initial_width, max_rows)
+    cfg.sampling.kv_sharing = kv
+    params = SamplingParams(1.0, 1.0, 0, tuple(task.stop_strings))
+    engine = make_engine(cfg, model, tok, params=params, max_batch_size=max_rows or max_batch_size, seed=seed)
     samplers = tuple(samplers or (SAMPLERS if max_rows else ("independent", "independent_copy", "treepo")))
     runs: dict[str, list[dict]] = {s: [] for s in samplers}
     for s in samplers:  # warm-up (not timed): the full batch, so the KV pools reach their size
@@ -204,6 +217,11 @@ def bench_model(
         "model": name, "engine": engine_kind, "task": task_name, "prompts": prompts, "width": width, "max_len": max_len,
         "segment_length": segment_length, "max_depth": max_depth, "repeats": repeats, "max_rows": max_rows, "samplers": list(samplers),
     }
+    return _summarise(out, runs)
+
+
+def _summarise(out: dict, runs: dict[str, list[dict]]) -> dict:
+    """Medians per sampler, and the tree's ratios to the faster independent sampler."""
     for s, rs in runs.items():
         med = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
         med["traj_per_s"] = med["leaves"] / med["wall"]
@@ -211,7 +229,7 @@ def bench_model(
         med["traj_tokens_per_s"] = med["traj_tokens"] / med["wall"]
         med["walls"] = [x["wall"] for x in rs]
         out[s] = med
-    base = min((s for s in samplers if s != "treepo"), key=lambda s: out[s]["wall"])
+    base = min((s for s in runs if s != "treepo"), key=lambda s: out[s]["wall"])
     out["baseline"] = base
     ind, tr = out[base], out["treepo"]
     tok_ratio = tr["decoded"] / ind["decoded"]
@@ -281,7 +299,7 @@ def format_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m segrl.bench_treepo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m segrl.programs.bench_treepo", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="default,smollm2-135m", help="comma-separated model names (unavailable ones are skipped)")
     p.add_argument("--prompts", type=int, default=256, help="prompts for the embedded model (x --width leaves: an RL-sized batch)")
     p.add_argument("--width", type=int, default=16, help="leaves per prompt (both samplers; 16 = the paper's width)")
@@ -295,14 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--other-prompts", type=int, default=0, help="prompts for models other than 'default' (0 = --prompts // 4)")
-    p.add_argument("--other-samplers", default="independent,treepo", help="samplers for models other than 'default' (the copy engine's baseline is slow there)")
+    p.add_argument("--other-samplers", default="independent,treepo", help="samplers for models other than 'default'")
     p.add_argument("--other-max-len", type=int, default=0, help="max_len for models other than 'default' (0 = --max-len)")
-    p.add_argument("--other-task", default="gsm8k", help="prompts for models other than 'default' (the embedded model always uses arithmetic)")
-    p.add_argument("--other-segment-length", type=int, default=0, help="segment length for models other than 'default' (0 = --segment-length)")
-    p.add_argument("--other-repeats", type=int, default=3, help="repeats for models other than 'default' (0 = --repeats; one SmolLM2-135M repeat of both samplers at 64 prompts takes ~5 min)")
-    p.add_argument("--engine", default="cascade", choices=["cascade", "hf"], help="cascade: shared-prefix KV read once per block (CascadeEngine); hf: one DynamicCache row per trajectory (Engine)")
-    p.add_argument("--max-rows", type=int, default=0, help="row capacity per engine round (continuous batching over prompts); 0 = all prompts in one batch")
-    p.add_argument("--samplers", default="", help=f"comma-separated subset of {','.join(SAMPLERS)} (default: all under --max-rows, else independent,treepo)")
+    p.add_argument("--other-task", default="gsm8k", help="prompts for models other than 'default' (which uses arithmetic)")
+    p.add_argument("--other-segment-length", type=int, default=0, help="segment length for models other than 'default'")
+    p.add_argument("--other-repeats", type=int, default=3, help="repeats for models other than 'default' (0 = --repeats)")
+    kinds = ["auto", "cascade", "flat", "copy", "hf"]
+    p.add_argument("--engine", default="auto", choices=kinds, help="the engine's sampling.kv_sharing (hf = copy)")
+    p.add_argument("--max-rows", type=int, default=0, help="row capacity per engine round (0 = all prompts in one batch)")
+    p.add_argument("--samplers", default="", help=f"comma-separated subset of {','.join(SAMPLERS)}")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     import torch
@@ -322,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         repeats = (a.other_repeats or a.repeats) if big else a.repeats
         task = a.other_task if big else "arithmetic"
         samplers = a.other_samplers if big and not a.samplers else a.samplers
-        res = bench_model(name, prompts, a.width, max_len, seg, depth, a.divergence, a.initial_width, repeats, a.max_batch_size, a.seed, task, a.engine, a.max_rows or None, tuple(x for x in samplers.split(",") if x) or None)
+        chosen = tuple(x for x in samplers.split(",") if x) or None
+        res = bench_model(
+            name, prompts, a.width, max_len, seg, depth, a.divergence, a.initial_width, repeats, a.max_batch_size, a.seed, task, a.engine,
+            a.max_rows or None, chosen,
+        )
         results.append(res)
         print(format_table(res) + "\n", flush=True)
     if a.json:

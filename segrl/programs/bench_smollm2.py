@@ -7,7 +7,7 @@ The 4-bit-dequantized 135M model gets roughly a fifth of these right, so most sa
 have mixed rewards and GRPO has signal from the first step. It is sized for a laptop CPU
 (a few minutes per step on 2 cores)::
 
-    python -m segrl.bench_smollm2 --steps 12 --out runs/smollm2-arith
+    python -m segrl.programs.bench_smollm2 --steps 12 --out runs/smollm2-arith
 
 It prints the training reward per step and the held-out greedy accuracy before and after,
 and writes ``summary.json`` / ``metrics.jsonl`` in the run directory.
@@ -22,8 +22,8 @@ import time
 
 
 def easy_arithmetic_task(n_train: int = 400, n_test: int = 64, seed: int = 0, max_operand: int = 20):
-    from .rewards.math_grading import gsm8k_accuracy
-    from .tasks.base import Task
+    from ..rewards.math_grading import gsm8k_accuracy
+    from ..tasks.base import Task
 
     # distinct problems: (a, b) ordered pairs for '+', a >= b for '-'
     if n_train + n_test > max_operand**2 + max_operand * (max_operand + 1) // 2:
@@ -41,7 +41,8 @@ def easy_arithmetic_task(n_train: int = 400, n_test: int = 64, seed: int = 0, ma
                 continue
             seen.add(key)
             ans = a + b if op == "+" else a - b
-            out.append({"prompt": f"What is {a} {op} {b}? Answer with just the number.", "answer": str(ans), "id": f"{split}-{len(out)}", "key": key})
+            prompt = f"What is {a} {op} {b}? Answer with just the number."
+            out.append({"prompt": prompt, "answer": str(ans), "id": f"{split}-{len(out)}", "key": key})
         return out
 
     test = rows(random.Random(f"easy-test-{seed}"), n_test, "test", ())
@@ -69,8 +70,8 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(a.threads)
-    from .configs import load_config
-    from .trainer.trainer import Trainer
+    from ..configs import load_config
+    from ..trainer.trainer import Trainer
 
     over = {
         "model.name_or_path": a.model,
