@@ -62,7 +62,7 @@ def test_segrl_eval_agrees_with_the_trainers_evaluation(tmp_path, capsys):
     out = tmp_path / "run"
     # a length reward and a large step size: the trained model samples differently from the initial one
     args = ["train", "--threads", "1", *common, "--train.max_steps", "2", "--train.prompts_per_step", "2", "--train.num_generations", "4"]
-    args += ["--train.learning_rate", "0.01", "--data.reward_funcs", f"{reward_file(tmp_path)}:length_reward"]
+    args += ["--train.learning_rate", "0.05", "--data.reward_funcs", f"{reward_file(tmp_path)}:length_reward"]
     assert main(args + ["--log.output_dir", str(out), "--log.report_to", "none", "--log.progress", "false"]) == 0
     capsys.readouterr()
     summary = json.loads((out / "summary.json").read_text())
