@@ -43,6 +43,7 @@ from .algorithms import get_algorithm
 from .evaluate import EvalResult, evaluate
 from .faults import maybe_kill
 from .logging import MetricsLogger
+from .policy import LogProbModule, wrap_policy
 from .scoring import Scorer
 
 
@@ -134,7 +135,7 @@ class Trainer:
         t = cfg.train
         # forward/backward run through self.policy (DDP / FSDP2 under torchrun); the engine
         # samples with the unwrapped self.model
-        self.policy = segrl_dist.wrap_policy(self.model, self.dist, cfg.model.device)
+        self.policy = wrap_policy(self.model, self.dist, cfg.model.device)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
         from transformers import get_scheduler
@@ -260,7 +261,7 @@ class Trainer:
             if self.ref_model == "adapters-disabled":
                 with self.model.disable_adapter():
                     return self.policy(batch, temp, chunk, self.share_contexts)[0]
-            return segrl_dist.LogProbModule(self.ref_model)(batch, temp, chunk, self.share_contexts)[0]
+            return LogProbModule(self.ref_model)(batch, temp, chunk, self.share_contexts)[0]
 
     # ----- one optimisation step -------------------------------------------------------
     def optimize(self, samples: list[TrainSample]) -> dict[str, float]:
