@@ -12,7 +12,7 @@ import torch
 from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from reliability_helpers import load_weights, step_lines, tiny_model_dir
 from segrl.configs import load_config
-from segrl.trainer import trainer as trainer_mod
+from segrl.trainer import update as update_mod
 from segrl.trainer.trainer import Trainer, TrainingError
 
 
@@ -53,7 +53,7 @@ def _params(tr):
 
 def _nan_loss_at(monkeypatch, tr, bad_steps):
     """Make the policy loss NaN while the trainer is computing ``bad_steps`` (1-based)."""
-    real = trainer_mod.policy_loss
+    real = update_mod.policy_loss
 
     def patched(*a, **kw):
         loss, sums = real(*a, **kw)
@@ -61,7 +61,7 @@ def _nan_loss_at(monkeypatch, tr, bad_steps):
             loss = loss * float("nan")
         return loss, sums
 
-    monkeypatch.setattr(trainer_mod, "policy_loss", patched)
+    monkeypatch.setattr(update_mod, "policy_loss", patched)
 
 
 def _snapshots(monkeypatch, tr):
