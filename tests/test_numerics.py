@@ -130,3 +130,17 @@ def test_nan_weights_are_never_saved(tmp_path):
         tr.save()
     root = tmp_path / "run" / "checkpoints"
     assert not root.exists() or not list(root.iterdir())
+
+
+def test_skipped_update_gives_no_scheduler_warning(tmp_path, monkeypatch):
+    """A skipped first update still advances the lr schedule, without torch's
+    "lr_scheduler.step() before optimizer.step()" warning."""
+    import warnings
+
+    tr = _trainer(tmp_path, steps=2)
+    _nan_loss_at(monkeypatch, tr, {1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train()
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert [m["train/skipped_updates"] for m in step_lines(tmp_path / "run")] == [1.0, 1.0]

@@ -221,3 +221,16 @@ def test_lora_run_resumes_exactly(tmp_path):
     a, b = load_weights(tmp_path / "ref" / "final_model"), load_weights(tmp_path / "run" / "final_model")
     assert a and a.keys() == b.keys() and all("lora_" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_killed_while_starting_can_be_resumed(tmp_path):
+    """SIGKILL right after the run directory was made (before any model loaded): the
+    directory is a run (its config.yaml is written first), and --resume starts it over."""
+    model = tiny_model_dir(tmp_path)
+    run = tmp_path / "run"
+    r = run_cli(train_args(model, run, steps=2), SEGRL_TEST_KILL_AT="started")
+    assert r.returncode == -9 and (run / "config.yaml").is_file()
+    r = run_cli(["train", "--threads", "1", "--resume", str(run)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no intact checkpoint found; starting from scratch" in r.stdout
+    assert [m["step"] for m in step_lines(run)] == [1, 2]

@@ -148,6 +148,9 @@ def test_failed_start_leaves_no_run_directory(tmp_path):
     r = run_cli(train_args(model, run, "--data.max_prompt_length", "2", steps=1))
     assert "longer than data.max_prompt_length" in _one_line_error(r)
     assert not (tmp_path / "new").exists()
+    # a model that cannot be loaded: the same
+    r = run_cli(train_args(tmp_path / "no-model", run, steps=1))
+    assert r.returncode != 0 and not (tmp_path / "new").exists()
     # an existing (empty) directory stays
     run.mkdir(parents=True)
     r = run_cli(train_args(model, run, "--data.max_prompt_length", "2", steps=1))

@@ -72,7 +72,7 @@ def check_is_run(run: Path) -> None:
         raise ResumeError(f"--resume {run}: not a directory")
     if not is_run(run):
         raise ResumeError(
-            f"--resume {run}: not a segrl run directory (no checkpoints, lock file or logs); "
+            f"--resume {run}: not a segrl run directory (no checkpoints, no config.yaml written by segrl train); "
             f"to start a new run there use --log.output_dir {run}"
         )
 

@@ -206,7 +206,7 @@ def is_run(path: Path) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    if (path / LOCK).is_file() or (holds_run(path) and (path / "config.yaml").is_file()):
+    if (path / "config.yaml").is_file() and ((path / LOCK).is_file() or holds_run(path)):
         return True
     ck = path / "checkpoints"
     return ck.is_dir() and any(p.name.startswith(("step-", "corrupt-step-")) for p in ck.iterdir())

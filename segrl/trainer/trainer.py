@@ -86,6 +86,9 @@ class Trainer:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.run = RunDir.open(run_dir or cfg.log.output_dir or f"runs/{cfg.train.algo}-{stamp}", lock=self.dist.is_main)
         self.run_dir = self.run.path
+        if not self.run.holds_run():  # at once, so a run killed while starting can be resumed
+            self._write_config()  # (a resume rewrites it once its checks have passed)
+        maybe_kill("started")
         if model is None:
             from ..models.loading import load_model_and_tokenizer
 
@@ -135,12 +138,10 @@ class Trainer:
         self._saved_step: int | None = None  # step of the newest checkpoint written or loaded
 
     def _open_logs(self, console) -> None:
-        """config.yaml, ``metrics.jsonl``'s logger and the console (other torchrun ranks log to
-        run_dir/rankN, quietly). TensorBoard opens when :meth:`train` starts: a resume first
+        """``metrics.jsonl``'s logger and the console (other torchrun ranks log to run_dir/rankN,
+        quietly). TensorBoard opens when :meth:`train` starts: a resume first
         decides where its log goes on."""
         main = self.dist.is_main
-        if not self.run.holds_run():  # (a resume rewrites it once its checks have passed)
-            self._write_config()
         log_dir = self.run_dir if main else self.run_dir / f"rank{self.dist.rank}"
         log_dir.mkdir(parents=True, exist_ok=True)
         if not main and console is None:
