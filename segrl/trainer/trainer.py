@@ -32,6 +32,7 @@ from ..tasks.base import Task
 from ..tree import FinishReason, RolloutTree, save_jsonl
 from . import outputs, update
 from .algorithms import get_algorithm
+from .batching import Batch, collate
 from .checkpointing import resume_run, save_run
 from .determinism import deterministic_algorithms
 from .determinism import wanted as deterministic_wanted
@@ -266,6 +267,12 @@ class Trainer:
         (:func:`segrl.trainer.update.optimize`)."""
         return update.optimize(self, samples)
 
+    def _collate(self, batch: Sequence[TrainSample], pad_id: int) -> Batch:
+        return collate(batch, pad_id, self.share_contexts).to(self.cfg.model.device)
+
+    def _ref_logprobs(self, batch: Batch) -> torch.Tensor:
+        return update.ref_logprobs(self, batch)
+
     # ----- metrics ---------------------------------------------------------------------
     def rollout_metrics(self, trees: list[RolloutTree], samples: list[TrainSample]) -> dict[str, float]:
         leaves = [(t, l) for t in trees for l in t.leaves(include_mc=False)]
@@ -351,8 +358,8 @@ class Trainer:
         try:
             with stop_signals(self._on_signal), deterministic_algorithms(det):
                 summary = self._train(resume)
+            self._write_report()
             if self.dist.is_main:
-                outputs.write_report(self.run_dir, self.tokenizer, self.console)
                 outputs.print_where(self.console, self.run_dir)
         except OSError as e:  # metrics.jsonl, rollouts.jsonl, TensorBoard, the report
             full = disk_full(e, self.run_dir, getattr(e, "filename", None) or self.run_dir)
@@ -366,6 +373,11 @@ class Trainer:
                 pass
             self.run.release()
         return {**summary, "run_dir": str(self.run_dir)}
+
+    def _write_report(self) -> None:
+        """``report.html`` + ``trees.html`` (rank 0); a failure is only a warning."""
+        if self.dist.is_main:
+            outputs.write_report(self.run_dir, self.tokenizer, self.console)
 
     def _interrupted(self, summary: dict) -> dict:
         if self._saved_step != self.step:
