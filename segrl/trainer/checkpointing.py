@@ -55,7 +55,8 @@ def flatten(cfg: dict) -> dict:
 
 def check_compatible(saved: dict, cfg: SegrlConfig) -> None:
     """Refuse a resume whose settings differ from the run's outside :data:`RESUMABLE`."""
-    old, new = flatten(saved), flatten(to_dict(cfg))
+    # (both through JSON, as the checkpoint stored it: tuples become lists)
+    old, new = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(to_dict(cfg))))
     bad = [k for k in new if k in old and old[k] != new[k] and k not in RESUMABLE and k != "log.output_dir"]
     if bad:
         what = "; ".join(f"{k} {old[k]!r} -> {new[k]!r}" for k in bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
