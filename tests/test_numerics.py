@@ -8,9 +8,13 @@ import math
 
 import pytest
 import torch
+from reliability_helpers import (
+    load_weights,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    step_lines,
+    tiny_model_dir,
+)
 
-from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from reliability_helpers import load_weights, step_lines, tiny_model_dir
 from segrl.configs import load_config
 from segrl.trainer import update as update_mod
 from segrl.trainer.trainer import Trainer, TrainingError
@@ -91,7 +95,9 @@ def test_nan_loss_skips_that_update_only(tmp_path, monkeypatch, capsys):
     snaps = _snapshots(monkeypatch, tr)
     tr.train()
     assert "step 2: non-finite loss/grad" in capsys.readouterr().out.replace("\n", " ")
-    same = lambda a, b: all(torch.equal(snaps[a][k], snaps[b][k]) for k in snaps[a])
+    def same(a, b):
+        return all(torch.equal(snaps[a][k], snaps[b][k]) for k in snaps[a])
+
     assert not same(0, 1) and same(1, 2) and not same(2, 3)  # only step 2's update was skipped
     lines = step_lines(tmp_path / "run")
     assert [m["train/skipped_updates"] for m in lines] == [0.0, 1.0, 1.0, 1.0]

@@ -18,19 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from reliability_helpers import (
     assert_metrics_equal,
     load_weights,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
     read_metrics,
     reward_file,
     run_cli,
     tiny_model_dir,
     train_args,
 )
-from segrl.trainer import checkpoint as ckpt
 
+from segrl.trainer import checkpoint as ckpt
 
 # ----------------------------------------------------------------------------------------------
 # checkpoint unit tests
