@@ -103,19 +103,25 @@ def _preflight(cfg) -> None:
 def cmd_train(args, rest) -> int:
     import torch
 
-    if isinstance(args.resume, str) and args.config is None:
-        # Resuming: the run's own config is the base; options given now override it.
-        saved = os.path.join(args.resume, "config.yaml")
-        if os.path.isfile(saved):
-            args.config = saved
-    cfg = _load(args, rest)
+    if args.resume:
+        # Resuming: the run's own settings (from its checkpoint), changed only where allowed;
+        # checked before anything is written.
+        from .configs import ConfigError
+        from .trainer.checkpointing import ResumeError, resume_config
+
+        try:
+            cfg = resume_config(args.resume if isinstance(args.resume, str) else None, args.config, _split_overrides(rest))
+        except ConfigError as e:
+            raise SystemExit(f"segrl: invalid config: {e}") from None
+        except ResumeError as e:
+            raise SystemExit(f"segrl: ResumeError: {e}") from None
+    else:
+        cfg = _load(args, rest)
     _preflight(cfg)
     torch.set_num_threads(max(1, args.threads or torch.get_num_threads()))
     from .trainer.trainer import Trainer
 
     run_dir = args.resume if isinstance(args.resume, str) else None
-    if args.resume is True and cfg.log.output_dir is None:
-        raise SystemExit("segrl: --resume needs the run directory (--resume RUN_DIR or --log.output_dir RUN_DIR)")
     from .configs import ConfigError
     from .rewards.combine import RewardError
     from .tasks.math_datasets import DatasetError

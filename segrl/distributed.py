@@ -15,6 +15,12 @@ Data parallelism, as in TRL/verl:
   ranks may decode different numbers of steps). Under FSDP2 the parameters are gathered for
   the rollout (:func:`gathered_for_rollout`).
 
+This module is the bottom layer of that: process group, collectives and the DDP/FSDP2
+helpers around a wrapped module; it imports nothing from segrl. The policy forward that
+DDP/FSDP2 wrap (:class:`segrl.trainer.policy.LogProbModule`, :func:`segrl.trainer.policy.wrap_policy`)
+lives with the trainer. A batch-wide whitening is
+``segrl.algos.advantages.masked_whiten(x, mask, stats=global_mean_std)``.
+
 Everything here is a no-op in a single process, so the trainer calls it unconditionally.
 ``torchrun --nproc_per_node N -m segrl.cli train ...`` sets ``RANK``/``WORLD_SIZE``/
 ``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; :func:`setup` reads them.
@@ -136,13 +142,6 @@ def global_mean_std(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[
     return n, mean, std
 
 
-def global_masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """:func:`segrl.algos.advantages.masked_whiten` with batch statistics over all ranks."""
-    from .algos.advantages import masked_whiten
-
-    return masked_whiten(values, mask, eps, stats=global_mean_std)
-
-
 def shard(items: list, info: DistInfo | None = None) -> list:
     """This rank's slice ``items[rank::world_size]``."""
     r, w = (info.rank, info.world_size) if info else (get_rank(), get_world_size())
@@ -162,69 +161,7 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-# ------------------------------------------------------------------ wrapping the policy ---
-
-
-class LogProbModule(torch.nn.Module):
-    """``forward(batch, temperature, chunk_size, share_contexts)`` = per-token log-probs and
-    entropies ``[B, R]`` of a :class:`segrl.trainer.batching.Batch`'s responses under the
-    wrapped causal LM. DDP and FSDP2 hook a module's ``forward``; log-probs are computed from
-    the decoder body and the LM head directly (chunked, never the full logits), so they are
-    wrapped in this module and the wrapper is what DDP/FSDP see."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, temperature: float = 1.0, chunk_size: int = 64, share_contexts: bool = True):
-        from .algos.logprobs import sequence_logprobs, shared_context_logprobs
-
-        if share_contexts:
-            return shared_context_logprobs(
-                self.model, batch.context_ids, batch.context_mask, batch.context_index,
-                batch.response_ids, batch.response_mask, temperature, chunk_size,
-            )
-        ids, attn, C = batch.full()
-        return sequence_logprobs(self.model, ids, attn, C, temperature, chunk_size)
-
-
-def _decoder_layers(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    return list(getattr(body, "layers", []))
-
-
-def wrap_policy(model, info: DistInfo, device: str):
-    """The module the trainer runs forward/backward through: a :class:`LogProbModule`, in
-    DDP or FSDP2 when ``info.enabled``. Build the optimizer over its parameters *after* this
-    call (FSDP2 replaces parameters with sharded ones)."""
-    mod = LogProbModule(model)
-    if not info.enabled:
-        return mod
-    if info.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [torch.device(device).index] if str(device).startswith("cuda") else None
-        return DDP(mod, device_ids=ids, broadcast_buffers=False)
-    if info.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in _decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(mod)
-        # FSDP2 initialises lazily from the first module that runs forward, which must be the
-        # root: run one tiny forward through it now (the engine later calls the layers directly).
-        dev = next(model.parameters()).device
-        from .trainer.batching import Batch
-
-        d = dev if dev.type != "meta" else torch.device("cpu")
-        one = torch.ones(1, 1, dtype=torch.long, device=d)
-        with torch.no_grad():
-            mod(Batch(one, one, torch.zeros(1, dtype=torch.long, device=d), one, one, *[one.float()] * 3), share_contexts=False)
-        for m in _fsdp_modules(mod):  # the root stays gathered after a forward: put the
-            m.reshard()  # sharded parameters back before the optimizer collects them
-        return mod
-    raise ValueError(f"distributed.strategy must be ddp or fsdp, got {info.strategy!r}")
+# ------------------------------------------------- DDP / FSDP2 helpers around a wrapped module ---
 
 
 def is_fsdp(module) -> bool:
@@ -245,7 +182,7 @@ def grad_sync(module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _fsdp_modules(module) -> list:
+def fsdp_modules(module) -> list:
     return [m for m in module.modules() if is_fsdp(m)] if is_fsdp(module) else []
 
 
@@ -253,7 +190,7 @@ def unshard_for_export(module) -> None:
     """Under FSDP2: gather the full weights on every rank for good (end of training: the
     final evaluation and ``save_pretrained`` then see plain tensors). Collective; no-op
     otherwise."""
-    fs = _fsdp_modules(module)
+    fs = fsdp_modules(module)
     for m in fs:
         m.unshard()
         m.set_reshard_after_forward(False)
@@ -266,7 +203,7 @@ def gathered_for_rollout(module):
     """Under FSDP2: gather every sharded parameter for the duration (the engine then decodes
     with plain tensors and no collectives) and reshard afterwards. Collective (every rank
     must enter it); no-op otherwise."""
-    fs = _fsdp_modules(module)
+    fs = fsdp_modules(module)
     if not fs or getattr(module, "_segrl_exported", False):
         yield
         return
@@ -305,7 +242,7 @@ class _ExportView:
 def export_view(model, policy):
     """``model`` itself, or under FSDP2 a view of it whose ``save_pretrained`` writes the full
     weights (gathered to CPU on rank 0 here: collective, every rank must call it)."""
-    if not _fsdp_modules(policy):
+    if not fsdp_modules(policy):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -8,11 +8,15 @@ import math
 
 import pytest
 import torch
+from reliability_helpers import (
+    load_weights,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
+    step_lines,
+    tiny_model_dir,
+)
 
-from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
-from reliability_helpers import load_weights, step_lines, tiny_model_dir
 from segrl.configs import load_config
-from segrl.trainer import trainer as trainer_mod
+from segrl.trainer import update as update_mod
 from segrl.trainer.trainer import Trainer, TrainingError
 
 
@@ -53,7 +57,7 @@ def _params(tr):
 
 def _nan_loss_at(monkeypatch, tr, bad_steps):
     """Make the policy loss NaN while the trainer is computing ``bad_steps`` (1-based)."""
-    real = trainer_mod.policy_loss
+    real = update_mod.policy_loss
 
     def patched(*a, **kw):
         loss, sums = real(*a, **kw)
@@ -61,7 +65,7 @@ def _nan_loss_at(monkeypatch, tr, bad_steps):
             loss = loss * float("nan")
         return loss, sums
 
-    monkeypatch.setattr(trainer_mod, "policy_loss", patched)
+    monkeypatch.setattr(update_mod, "policy_loss", patched)
 
 
 def _snapshots(monkeypatch, tr):
@@ -91,7 +95,9 @@ def test_nan_loss_skips_that_update_only(tmp_path, monkeypatch, capsys):
     snaps = _snapshots(monkeypatch, tr)
     tr.train()
     assert "step 2: non-finite loss/grad" in capsys.readouterr().out.replace("\n", " ")
-    same = lambda a, b: all(torch.equal(snaps[a][k], snaps[b][k]) for k in snaps[a])
+    def same(a, b):
+        return all(torch.equal(snaps[a][k], snaps[b][k]) for k in snaps[a])
+
     assert not same(0, 1) and same(1, 2) and not same(2, 3)  # only step 2's update was skipped
     lines = step_lines(tmp_path / "run")
     assert [m["train/skipped_updates"] for m in lines] == [0.0, 1.0, 1.0, 1.0]
@@ -130,3 +136,17 @@ def test_nan_weights_are_never_saved(tmp_path):
         tr.save()
     root = tmp_path / "run" / "checkpoints"
     assert not root.exists() or not list(root.iterdir())
+
+
+def test_skipped_update_gives_no_scheduler_warning(tmp_path, monkeypatch):
+    """A skipped first update still advances the lr schedule, without torch's
+    "lr_scheduler.step() before optimizer.step()" warning."""
+    import warnings
+
+    tr = _trainer(tmp_path, steps=2)
+    _nan_loss_at(monkeypatch, tr, {1})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train()
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert [m["train/skipped_updates"] for m in step_lines(tmp_path / "run")] == [1.0, 1.0]

@@ -18,19 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from reliability_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from reliability_helpers import (
     assert_metrics_equal,
     load_weights,
+    one_torch_thread,  # noqa: F401  (autouse fixture)
     read_metrics,
     reward_file,
     run_cli,
     tiny_model_dir,
     train_args,
 )
-from segrl.trainer import checkpoint as ckpt
 
+from segrl.trainer import checkpoint as ckpt
 
 # ----------------------------------------------------------------------------------------------
 # checkpoint unit tests
@@ -118,19 +117,26 @@ def test_all_corrupt_gives_none_and_partial_writes_are_removed(tmp_path, parts):
 
 
 class _Evil:
+    marker = None
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_checkpoint_pickles_never_run_code(tmp_path, parts):
-    """optimizer.pt / scheduler.pt load with ``torch.load(weights_only=True)``."""
+    """optimizer.pt / scheduler.pt load with ``torch.load(weights_only=True)``: a pickle that
+    would run code is refused with a one-line CheckpointError (never advising
+    ``weights_only=False``) and its code does not run."""
     root = tmp_path / "ckpts"
     path = _save(root, 1, parts)
+    _Evil.marker = tmp_path / "pwned"
     with open(path / "optimizer.pt", "wb") as f:
         pickle.dump({"state": _Evil()}, f, protocol=2)
     model, _, opt, sched = parts
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ckpt.CheckpointError, match="pickled objects other than tensors") as err:
         ckpt.load_training_state(path, model, opt, sched)
+    assert "weights_only=False" not in str(err.value) and "\n" not in str(err.value)
+    assert not _Evil.marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -134,6 +134,11 @@ class TrainConfig:
     use_prob_mask: bool | None = option(None, help="Train only tokens whose sampling probability is below prob_mask_rho (SPO). Default: on for SPO, off otherwise.")
     prob_mask_rho: float = option(0.9, help="Probability threshold rho of the probability mask and of SPO cutpoints.")
     seed: int = option(0, help="Seed of everything random in training (data order, sampling, init).")
+    deterministic: bool | None = option(None, help=(
+        "Use torch's deterministic kernels (torch.use_deterministic_algorithms), so that the same seed, machine and --threads "
+        "give the same run. Default: on for CPU runs (with several threads a KV-gather backward otherwise adds in thread order), "
+        "off on GPUs (slower kernels there). See docs/reliability.md for what is and is not reproducible."
+    ))
 
     def __post_init__(self):
         check(self.max_steps >= 0, "train.max_steps", "must be >= 0")

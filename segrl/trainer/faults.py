@@ -4,7 +4,8 @@
 with ``SIGKILL`` (no cleanup, no ``finally``, exactly like ``kill -9`` or the OOM killer) when
 it reaches a named point, optionally only at one training step. Points:
 
-* trainer (:mod:`segrl.trainer.trainer`): ``step_start`` (before the rollout of step N),
+* trainer (:mod:`segrl.trainer.trainer`): ``started`` (run directory locked, config.yaml
+  written, no model loaded yet), ``step_start`` (before the rollout of step N),
   ``after_rollout`` (rollout and rewards done, before the update of step N), ``after_step``
   (step N logged, before its checkpoint), ``before_final_model`` (after the final checkpoint);
 * checkpoint writer (:mod:`segrl.trainer.checkpoint`, N = the checkpoint's step):

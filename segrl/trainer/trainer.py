@@ -14,43 +14,40 @@ and ``resume`` continues a run exactly (same data order and RNG streams).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import math
-import os
 import random
-import shutil
-import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import yaml
 
 from .. import distributed as segrl_dist
-from ..algos.losses import LossNormalizer, policy_loss
 from ..algos.samples import TrainSample
 from ..configs import SegrlConfig, to_dict
-from ..models.loading import encode_prompt
 from ..engine.base import SamplingParams
 from ..engine.registry import make_engine
+from ..models.loading import encode_prompt
 from ..tasks.base import Task
 from ..tree import FinishReason, RolloutTree, save_jsonl
-from .batching import Batch, collate, micro_batches, sort_for_sharing
-from . import checkpoint as ckpt
+from . import outputs, update
 from .algorithms import get_algorithm
+from .batching import Batch, collate
+from .checkpointing import resume_run, save_run
+from .determinism import deterministic_algorithms
+from .determinism import wanted as deterministic_wanted
+from .errors import TrainingError
 from .evaluate import EvalResult, evaluate_config
 from .faults import maybe_kill
 from .logging import MetricsLogger
+from .policy import wrap_policy
 from .prompts import PromptStream
+from .run_dir import DiskFullError, RunDir, RunDirError, discard_run_dir_on_failure, disk_full
 from .scoring import Scorer
+from .signals import stop_signals
 
-
-class TrainingError(RuntimeError):
-    pass
-
+__all__ = ["Trainer", "TrainingError"]
 
 from transformers.utils import logging as _hf_logging
 
@@ -71,6 +68,7 @@ class Trainer:
     built from the config.
     """
 
+    @discard_run_dir_on_failure
     def __init__(
         self,
         cfg: SegrlConfig,
@@ -87,7 +85,14 @@ class Trainer:
         # own slice of the prompts (segrl.distributed)
         self.dist = segrl_dist.setup(cfg.distributed.backend, cfg.distributed.strategy, cfg.model.device)
         cfg.model.device = segrl_dist.rank_device(cfg.model.device, self.dist)
-        if task is None:  # before the model: bad data fails fast, with nothing loaded or written
+        # The run directory first: a second writer is refused before any model is loaded.
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run = RunDir.open(run_dir or cfg.log.output_dir or f"runs/{cfg.train.algo}-{stamp}", lock=self.dist.is_main)
+        self.run_dir = self.run.path
+        if not self.run.holds_run():  # at once, so a run killed while starting can be resumed
+            self._write_config()  # (a resume rewrites it once its checks have passed)
+        maybe_kill("started")
+        if task is None:  # before the model: bad data fails fast (a failed start removes the new run directory)
             from ..tasks.registry import load_task
 
             task = load_task(cfg.data)
@@ -101,19 +106,7 @@ class Trainer:
 
             model = apply_lora(model, cfg.lora)
         self.model, self.tokenizer = model, tokenizer
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(run_dir or cfg.log.output_dir or f"runs/{cfg.train.algo}-{stamp}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        main = self.dist.is_main  # other ranks log to run_dir/rankN, quietly
-        log_dir = self.run_dir if main else self.run_dir / f"rank{self.dist.rank}"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        if not main and console is None:
-            from rich.console import Console
-
-            console = Console(quiet=True)
-        self.logger = MetricsLogger(log_dir, cfg.log.report_to if main else [], console)
-        self.console = self.logger.console
+        self._open_logs(console)
         stops = tuple(cfg.sampling.stop_strings) + tuple(task.stop_strings)
         self.engine = make_engine(
             cfg,
@@ -128,20 +121,7 @@ class Trainer:
         # the seeded, resumable prompt order; dynamic sampling pulls more prompts from it
         self.prompts = PromptStream(self.prompt_ids, task.train, cfg.train.seed, self._skip, self.dist.rank, self.dist.world_size)
         self.algorithm = get_algorithm(cfg.train.algo)(cfg, prompts=self.prompts)
-        t = cfg.train
-        # forward/backward run through self.policy (DDP / FSDP2 under torchrun); the engine
-        # samples with the unwrapped self.model
-        self.policy = segrl_dist.wrap_policy(self.model, self.dist, cfg.model.device)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler(
-            t.lr_scheduler_type, self.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=max(1, t.max_steps * t.num_iterations)
-        )
-        self.ref_model = None
-        if t.beta > 0:
-            self.ref_model = self._make_reference()
+        self._build_optimizer()
         self.step = 0
         self.num_tokens = 0
         self.generated_tokens = 0  # tokens the engine decoded in training (train.max_generated_tokens)
@@ -151,6 +131,23 @@ class Trainer:
         self.skipped_updates = 0
         self._stop_signal: int | None = None
         self._saved_step: int | None = None  # step of the newest checkpoint written or loaded
+
+    def _open_logs(self, console) -> None:
+        """``metrics.jsonl``'s logger and the console (other torchrun ranks log to run_dir/rankN,
+        quietly). TensorBoard opens when :meth:`train` starts: a resume first
+        decides where its log goes on."""
+        main = self.dist.is_main
+        log_dir = self.run_dir if main else self.run_dir / f"rank{self.dist.rank}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        if not main and console is None:
+            from rich.console import Console
+
+            console = Console(quiet=True)
+        self.logger = MetricsLogger(log_dir, [], console)
+        self.console = self.logger.console
+        lock = self.run.lock
+        if lock is not None and lock.previous_pid:
+            self.console.print(f"[yellow]took over the lock of {self.run_dir} from PID {lock.previous_pid} (no longer running)[/yellow]")
 
     # ----- data ------------------------------------------------------------------------
     def _tokenize_prompts(self, rows) -> list[list[int]]:
@@ -211,6 +208,20 @@ class Trainer:
         return self.prompts.next_trees(n)
 
     # ----- model helpers ---------------------------------------------------------------
+    def _build_optimizer(self) -> None:
+        """The policy module, AdamW, the lr schedule and (``train.beta > 0``) the reference."""
+        t = self.cfg.train
+        # forward/backward run through self.policy (DDP / FSDP2 under torchrun); the engine
+        # samples with the unwrapped self.model
+        self.policy = wrap_policy(self.model, self.dist, self.cfg.model.device)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+        from transformers import get_scheduler
+
+        steps = max(1, t.max_steps * t.num_iterations)
+        self.scheduler = get_scheduler(t.lr_scheduler_type, self.optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=steps)
+        self.ref_model = self._make_reference() if t.beta > 0 else None
+
     def _make_reference(self):
         if hasattr(self.model, "disable_adapter"):
             return "adapters-disabled"  # PEFT: the base model with adapters off is the reference
@@ -224,99 +235,17 @@ class Trainer:
         # gradient checkpointing recomputes the forward without a KV cache to share
         return self.cfg.train.share_context_forward and not self.cfg.model.gradient_checkpointing
 
+    # ----- one optimisation step -------------------------------------------------------
+    def optimize(self, samples: list[TrainSample]) -> dict[str, float]:
+        """``num_iterations`` passes over ``samples``, one optimizer step per pass
+        (:func:`segrl.trainer.update.optimize`)."""
+        return update.optimize(self, samples)
+
     def _collate(self, batch: Sequence[TrainSample], pad_id: int) -> Batch:
         return collate(batch, pad_id, self.share_contexts).to(self.cfg.model.device)
 
-    def _ref_logprobs(self, batch: Batch):
-        temp = self.cfg.sampling.temperature
-        chunk = self.cfg.model.logprob_chunk_size
-        with torch.no_grad():
-            if self.ref_model == "adapters-disabled":
-                with self.model.disable_adapter():
-                    return self.policy(batch, temp, chunk, self.share_contexts)[0]
-            return segrl_dist.LogProbModule(self.ref_model)(batch, temp, chunk, self.share_contexts)[0]
-
-    # ----- one optimisation step -------------------------------------------------------
-    def optimize(self, samples: list[TrainSample]) -> dict[str, float]:
-        """``num_iterations`` passes over ``samples``, one optimizer step per pass."""
-        t = self.cfg.train
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        n_seq = segrl_dist.all_reduce_sum(len(samples))  # batch-wide counts are over all ranks
-        if n_seq == 0:
-            return {}
-        if not samples:  # torchrun: nothing here, but this rank must join the gradient all-reduce
-            samples = [TrainSample([pad], [pad], [0.0], [0.0], [0])]
-        num_tokens = segrl_dist.all_reduce_sum(sum(sum(s.mask) for s in samples))
-        n_all, skipped = len(samples), 0
-        if t.skip_zero_advantage_rows and t.beta == 0 and t.loss_type != "bnpo":
-            # A row whose loss-masked advantages are all 0 (e.g. a group with equal rewards)
-            # adds exactly 0 to the loss and its gradient when there is no KL term: skip its
-            # forward/backward. The normalisers count it all the same, so the update is
-            # unchanged (bnpo normalises per micro-batch, so there every row stays).
-            samples = [s for s in samples if any(a != 0.0 for a, m in zip(s.advantages, s.mask) if m)]
-            skipped = n_all - len(samples)
-            if not samples:  # still one (all-masked) pass: zero gradients, same optimizer step
-                samples = [TrainSample([pad], [pad], [0.0], [0.0], [0])]
-        samples = sort_for_sharing(samples)
-        mbs = micro_batches(samples, t.micro_batch_size, t.max_tokens_per_micro_batch)
-        batches = [self._collate(mb, pad) for mb in mbs]
-        refs = [self._ref_logprobs(b) for b in batches] if self.ref_model is not None else [None] * len(batches)
-        norm = LossNormalizer(
-            num_tokens=num_tokens,
-            num_sequences=n_seq,
-            num_micro_batches=int(segrl_dist.all_reduce_sum(len(batches))),
-            max_completion_length=self.cfg.sampling.max_completion_length,
-        )
-        agg: dict[str, float] = {}
-        self.model.train()
-        for _ in range(t.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            total_loss = 0.0
-            for bi, (b, ref) in enumerate(zip(batches, refs)):
-                # gradients are all-reduced on the last micro-batch only (accumulation)
-                with segrl_dist.grad_sync(self.policy, bi == len(batches) - 1):
-                    logp, ent = self.policy(b, self.cfg.sampling.temperature, self.cfg.model.logprob_chunk_size, self.share_contexts)
-                    loss, sums = policy_loss(
-                        logp, b.old, b.adv, b.mask, norm, t.loss_type, t.epsilon, t.epsilon_high, t.dual_clip, t.beta, ref
-                    )
-                    # the normalisers are global and DDP/FSDP average over ranks: x world size
-                    (loss * self.dist.world_size).backward()
-                total_loss += float(loss.detach())
-                sums["entropy"] = float((ent * b.mask).sum())
-                for k, v in sums.items():
-                    agg[k] = agg.get(k, 0.0) + v
-            total_loss = segrl_dist.all_reduce_sum(total_loss)  # every rank takes the same skip decision
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
-            if not (math.isfinite(total_loss) and torch.isfinite(gn)):
-                # A NaN/inf never reaches the weights: skip this update, count it, go on.
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_updates += 1
-                self.console.print(f"[red]step {self.step + 1}: non-finite loss/grad (loss={total_loss}, grad_norm={float(gn)}); update skipped[/red]")
-                if self.skipped_updates >= 5:
-                    raise TrainingError("5 updates skipped for non-finite loss or gradients; stopping (last checkpoint is intact)")
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-            agg["loss"] = agg.get("loss", 0.0) + total_loss
-            agg["grad_norm"] = agg.get("grad_norm", 0.0) + float(gn)
-        n_it = t.num_iterations
-        tok = max(agg.get("tokens", 0.0), 1.0)
-        out = {
-            "loss": agg["loss"] / n_it,
-            "grad_norm": agg["grad_norm"] / n_it,
-            "entropy": agg["entropy"] / tok,
-            "clip_ratio/low_mean": agg["clip_ratio/low"] / tok,
-            "clip_ratio/high_mean": agg["clip_ratio/high"] / tok,
-            "clip_ratio/region_mean": agg["clip_ratio/region"] / tok,
-            "learning_rate": self.scheduler.get_last_lr()[0],
-            "train/skipped_updates": float(self.skipped_updates),
-            # rows left out of forward/backward because they carry no gradient (see above)
-            "train/zero_advantage_rows": float(skipped),
-        }
-        if "kl" in agg:
-            out["kl"] = agg["kl"] / max(agg["kl_tokens"], 1.0)
-        return out
+    def _ref_logprobs(self, batch: Batch) -> torch.Tensor:
+        return update.ref_logprobs(self, batch)
 
     # ----- metrics ---------------------------------------------------------------------
     def rollout_metrics(self, trees: list[RolloutTree], samples: list[TrainSample]) -> dict[str, float]:
@@ -351,110 +280,18 @@ class Trainer:
             return evaluate_config(self.model, self.tokenizer, self.task, self.cfg)  # what `segrl eval` runs
 
     # ----- checkpoints -----------------------------------------------------------------
-    def _state(self, extra: dict) -> dict:
-        return {
-            "step": self.step,
-            **self.prompts.state_dict(),  # epoch, cursor
-            "num_tokens": self.num_tokens,
-            "generated_tokens": self.generated_tokens,
-            "elapsed_s": self._clock(),
-            "eval_s": self.eval_s,
-            "skipped_updates": self.skipped_updates,
-            # where metrics.jsonl / rollouts.jsonl ended when this checkpoint was taken: a
-            # resumed run cuts them back here so they equal an uninterrupted run's files
-            "log_bytes": {name: _size(self.run_dir / name) for name in ("metrics.jsonl", "rollouts.jsonl")},
-            "reward_error_windows": [list(w) for w in getattr(self.scorer.computer, "_windows", [])],
-            "algorithm": self.algorithm.state_dict(),  # e.g. TreePO's dynamic-sampling keep rate
-            "rng": {
-                "python": _rng_to_json(random.getstate()),
-                "numpy": _rng_to_json(np.random.get_state()),
-                "torch": _rng_to_json(torch.get_rng_state()),
-                "engine": _rng_to_json(self.engine.state_dict()),
-            },
-            **extra,
-        }
+    def _write_config(self) -> None:
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     def save(self, extra: dict | None = None) -> Path:
-        if self.dist.enabled:  # torchrun: rank 0 writes (the replicas are identical), the others wait
-            d, self.dist = self.dist, dataclasses.replace(self.dist, world_size=1)
-            try:
-                with segrl_dist.gathered_for_rollout(self.policy):  # FSDP2: every rank gathers
-                    m, self.model = self.model, segrl_dist.export_view(self.model, self.policy)
-                    try:
-                        path = self.save(extra) if d.is_main else None
-                    finally:
-                        self.model = m
-            finally:
-                self.dist = d
-            segrl_dist.barrier()
-            self._saved_step = self.step
-            return path
-        bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # never let a NaN/inf reach saved weights
-            raise TrainingError(f"step {self.step}: non-finite values in {bad[:3]}; not saving (the last checkpoint is intact)")
-        path = ckpt.save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.step,
-            self.model,
-            self.tokenizer,
-            self.optimizer,
-            self.scheduler,
-            self._state(extra or {}),
-            keep=self.cfg.log.save_total_limit,
-        )
-        self._saved_step = self.step
-        return path
+        """Checkpoint the run at this step (:func:`segrl.trainer.checkpointing.save_run`)."""
+        return save_run(self, extra or {})
 
     def resume(self, path: str | Path | None = None) -> dict:
-        """Restore the newest intact checkpoint of this run (or ``path``)."""
-        if self.dist.enabled and self.dist.strategy == "fsdp":
-            raise TrainingError("resuming a multi-process FSDP2 run is not supported yet (its optimizer state is sharded); use distributed.strategy=ddp")
-        root = self.run_dir / "checkpoints"
-        if path is None:
-            ckpt.remove_partial(root, log=self.console.print)
-            path = ckpt.latest_valid_checkpoint(root, log=self.console.print)
-            # Checkpoints newer than the one we resume from are corrupt: move them out of the
-            # way (kept for inspection) so that they are neither loaded nor pruned instead of
-            # good ones.
-            for p in ckpt.list_checkpoints(root):
-                if path is None or p.name > Path(path).name:
-                    aside = root / f"corrupt-{p.name}"
-                    if aside.exists():
-                        shutil.rmtree(aside)
-                    os.replace(p, aside)
-                    self.console.print(f"[yellow]moved corrupt checkpoint {p.name} to {aside}[/yellow]")
-            if path is None:
-                self.console.print("[yellow]no intact checkpoint found; starting from scratch[/yellow]")
-                for name in ("metrics.jsonl", "rollouts.jsonl"):
-                    _truncate(self.run_dir / name, 0)
-                return {}
-        else:
-            ckpt.verify_checkpoint(Path(path))
-        st = ckpt.load_training_state(Path(path), self.model, self.optimizer, self.scheduler)
-        for name, size in st.get("log_bytes", {}).items():
-            _truncate(self.run_dir / name, size)
-        for w, saved in zip(getattr(self.scorer.computer, "_windows", []), st.get("reward_error_windows", [])):
-            w.clear()
-            w.extend(saved)
-        self._saved_step = st["step"]
-        if getattr(self.logger, "tb", None) is not None:  # TensorBoard: drop events past the checkpoint
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.logger.tb.close()
-            self.logger.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=st["step"] + 1)
-        self.step = st["step"]
-        self.prompts.load_state_dict(st)
-        self.num_tokens, self.skipped_updates = st["num_tokens"], st["skipped_updates"]
-        # (older checkpoints lack these: a token budget then counts from the resume)
-        self.generated_tokens = st.get("generated_tokens", 0)
-        self.elapsed_s, self.eval_s = st.get("elapsed_s", 0.0), st.get("eval_s", 0.0)
-        random.setstate(_rng_from_json(st["rng"]["python"]))
-        np.random.set_state(_rng_from_json(st["rng"]["numpy"]))
-        torch.set_rng_state(_rng_from_json(st["rng"]["torch"]))
-        self.engine.load_state_dict(_rng_from_json(st["rng"]["engine"]))
-        self.algorithm.load_state_dict(st.get("algorithm", {}))
-        self.console.print(f"[green]resumed from {path} (step {self.step})[/green]")
-        return st
+        """Restore the newest checkpoint of this run that verifies, reads and fits (or
+        ``path``): :func:`segrl.trainer.checkpointing.resume_run`."""
+        return resume_run(self, path)
 
     # ----- the loop --------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -464,74 +301,88 @@ class Trainer:
         self.console.print(f"[yellow]signal {signum}: saving a checkpoint after this step, then exiting[/yellow]")
 
     def train(self, resume: bool | str = False) -> dict:
-        """Run (or, with ``resume``, continue) training; return the before/after summary.
+        """Run (or, with ``resume``, continue) training; return the before/after summary
+        (``summary["run_dir"]``: where the run's files are).
 
         SIGINT/SIGTERM make the loop save a checkpoint after the current step and return
-        (``summary["interrupted_at_step"]``); a second signal stops at once."""
-        import threading
-
-        old_handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        (``summary["interrupted_at_step"]``); a second signal stops at once. A full disk ends
+        the run with :class:`DiskFullError` (the last checkpoint stays usable)."""
+        det = deterministic_wanted(self.cfg.train.deterministic, next(self.model.parameters()).device)
+        if self.dist.is_main:
+            self.run.lock_again()  # (a second train() of this trainer: the first one released it)
         try:
-            summary = self._train(resume)
+            with stop_signals(self._on_signal), deterministic_algorithms(det):
+                summary = self._train(resume)
+            self._write_report()
+            if self.dist.is_main:
+                outputs.print_where(self.console, self.run_dir)
+        except OSError as e:  # metrics.jsonl, rollouts.jsonl, TensorBoard, the report
+            full = disk_full(e, self.run_dir, getattr(e, "filename", None) or self.run_dir)
+            if not full:
+                raise
+            raise DiskFullError(f"{full}; the last checkpoint is intact: free space, then continue with --resume {self.run_dir}") from None
         finally:
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-        self._write_report()
-        return summary
+            try:
+                self.logger.close()
+            except OSError:  # (TensorBoard flushing onto a full disk: the error above says it)
+                pass
+            self.run.release()
+        return {**summary, "run_dir": str(self.run_dir)}
 
     def _write_report(self) -> None:
-        """``report.html`` + ``trees.html`` (:mod:`segrl.report`); a failure is only a warning."""
-        if not self.dist.is_main:
-            return
-        try:
-            from ..report import build_report
-
-            build_report(self.run_dir, tokenizer=self.tokenizer)
-        except Exception as e:  # noqa: BLE001 - a report must never fail a finished run
-            self.console.print(f"[yellow]warning: report.html not written: {type(e).__name__}: {e}[/yellow]")
+        """``report.html`` + ``trees.html`` (rank 0); a failure is only a warning."""
+        if self.dist.is_main:
+            outputs.write_report(self.run_dir, self.tokenizer, self.console)
 
     def _interrupted(self, summary: dict) -> dict:
         if self._saved_step != self.step:
             self.save({"summary": summary})
         summary["interrupted_at_step"] = self.step
         self.console.print(f"[yellow]stopped at step {self.step}; checkpoint saved; continue with --resume {self.run_dir}[/yellow]")
-        self.logger.close()
+        return summary
+
+    def _start(self, resume: bool | str) -> dict:
+        """Resume (or check that a fresh start overwrites nothing), open TensorBoard, run the
+        evaluation before training; returns the summary so far."""
+        state = {}
+        if resume:
+            state = self.resume(None if resume is True else resume)
+        elif self.dist.is_main and self.run.holds_run():
+            raise RunDirError(
+                f"{self.run_dir} already holds a run; continue it with --resume {self.run_dir}, or choose another --log.output_dir"
+            )
+        if self.ref_model is not None and self.ref_model != "adapters-disabled" and state:
+            # The reference is the *initial* policy: reload it from the model source.
+            from ..models.loading import load_model_and_tokenizer
+
+            self.ref_model = load_model_and_tokenizer(self.cfg.model)[0].eval()
+        if self.dist.is_main and "tensorboard" in self.cfg.log.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run drops the events logged after its checkpoint
+            self.logger.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if state else None)
+        summary: dict = dict(state.get("summary", {}))
+        self._clock_start = time.perf_counter()  # training wall-clock runs from here (evals excluded)
+        if self.cfg.eval.eval_before and "before" not in summary:
+            res = self._evaluate_and_log()
+            summary["before"] = res.as_metrics("")
+            self.console.print(
+                f"[bold]held-out before training[/bold]: pass@1={res.pass_at_1:.3f} pass@{res.k}={res.pass_at_k:.3f} "
+                f"maj@{res.k}={res.maj_at_k:.3f} on {res.num_problems} problems"
+            )
         return summary
 
     def _train(self, resume: bool | str) -> dict:
         cfg = self.cfg
         t, e = cfg.train, cfg.eval
-        state = {}
-        if resume:
-            state = self.resume(None if resume is True else resume)
-        if self.ref_model is not None and self.ref_model != "adapters-disabled" and state:
-            # The reference is the *initial* policy: reload it from the model source.
-            from ..models.loading import load_model_and_tokenizer
-
-            self.ref_model = load_model_and_tokenizer(cfg.model)[0].eval()
-        summary: dict = dict(state.get("summary", {}))
-        self._clock_start = time.perf_counter()  # training wall-clock runs from here (evals excluded)
-        next_eval_tokens = self._next_eval_tokens()
-        if e.eval_before and "before" not in summary:
-            res = self._evaluate_and_log()
-            summary["before"] = res.as_metrics("")
-            self.console.print(f"[bold]held-out before training[/bold]: pass@1={res.pass_at_1:.3f} pass@{res.k}={res.pass_at_k:.3f} maj@{res.k}={res.maj_at_k:.3f} on {res.num_problems} problems")
+        summary = self._start(resume)
         if self._stop_signal is not None:
             return self._interrupted(summary)
-        progress = _progress(self.console) if cfg.log.progress and self.console.is_terminal else None  # no bars in log files
-        try:
-            # under a token budget the bar counts generated tokens (the step count is open)
-            by_tok = t.max_generated_tokens > 0
-            done = (lambda: self.generated_tokens) if by_tok else (lambda: self.step)
-            task_id = progress.add_task(f"{t.algo}", total=t.max_generated_tokens if by_tok else t.max_steps, completed=done()) if progress else None
-            if progress:
-                progress.start()
+        next_eval_tokens = self._next_eval_tokens()
+        with outputs.ProgressBar(self, cfg.log.progress and self.console.is_terminal) as bar:  # no bars in log files
             while self.step < t.max_steps and not self.token_budget_reached():
                 metrics = self.train_step()
-                if progress:
-                    progress.update(task_id, completed=min(done(), t.max_generated_tokens) if by_tok else done(), description=f"{t.algo} reward={metrics['reward']:.3f}")
+                bar.update(metrics)
                 # periodic evaluations, by steps and/or by generated tokens; none when the run
                 # ends here anyway (the final evaluation follows)
                 last = self.step >= t.max_steps or self.token_budget_reached()
@@ -544,12 +395,13 @@ class Trainer:
                     self.save({"summary": summary})
                 if self._stop_signal is not None:
                     return self._interrupted(summary)
-        finally:
-            if progress:
-                progress.stop()
+        return self._finish(summary)
+
+    def _finish(self, summary: dict) -> dict:
+        """Final evaluation, final checkpoint, ``final_model/`` and ``summary.json``."""
         self.model = segrl_dist.export_view(self.model, self.policy)  # FSDP2: a full copy for the final save
         segrl_dist.unshard_for_export(self.policy)  # FSDP2: full weights from here on (final eval)
-        if e.eval_after and "after" not in summary:
+        if self.cfg.eval.eval_after and "after" not in summary:
             res = self._evaluate_and_log()
             summary["after"] = res.as_metrics("")
         if self._saved_step != self.step:
@@ -557,19 +409,11 @@ class Trainer:
             # final evaluation instead of rewriting the checkpoint.)
             self.save({"summary": summary})
         if not self.dist.is_main:  # rank 0 writes the final model and the summary
-            self.logger.close()
             return summary
-        maybe_kill("before_final_model", self.step)
-        final, tmp = self.run_dir / "final_model", self.run_dir / ".tmp-final_model"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        outputs.save_final_model(self.run_dir, self.model, self.tokenizer, self.step)
         if "before" in summary and "after" in summary:
             self.logger.table("held-out accuracy", {"before": summary["before"], "after": summary["after"]})
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        self.logger.close()
+        outputs.write_summary(self.run_dir, summary)
         return summary
 
     # ----- budget and clock (accuracy vs generated tokens / wall-clock) --------------------
@@ -641,55 +485,3 @@ class Trainer:
         self.logger.log(self.step, metrics, echo=self.step % self.cfg.log.logging_steps == 0)
         maybe_kill("after_step", self.step)
         return metrics
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def _truncate(path: Path, size: int) -> None:
-    """Cut ``path`` back to ``size`` bytes (lines written after a checkpoint are dropped)."""
-    if path.exists() and path.stat().st_size > size:
-        with open(path, "r+b") as f:
-            f.truncate(size)
-
-
-def _rng_to_json(obj):
-    """RNG states as plain JSON (no pickle: a checkpoint must never run code on load)."""
-    if isinstance(obj, torch.Tensor):
-        return {"tensor": obj.tolist()}
-    if isinstance(obj, np.ndarray):
-        return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, (tuple, list)):
-        return {"seq": [_rng_to_json(x) for x in obj], "tuple": isinstance(obj, tuple)}
-    if isinstance(obj, dict):
-        return {"dict": {k: _rng_to_json(v) for k, v in obj.items()}}
-    return obj
-
-
-def _rng_from_json(obj):
-    if isinstance(obj, dict):
-        if "tensor" in obj:
-            return torch.tensor(obj["tensor"], dtype=torch.uint8)
-        if "ndarray" in obj:
-            return np.array(obj["ndarray"], dtype=obj["dtype"])
-        if "seq" in obj:
-            items = [_rng_from_json(x) for x in obj["seq"]]
-            return tuple(items) if obj["tuple"] else items
-        if "dict" in obj:
-            return {k: _rng_from_json(v) for k, v in obj["dict"].items()}
-    return obj
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-    )
