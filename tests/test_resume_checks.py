@@ -57,7 +57,7 @@ def _snapshot(d: Path) -> dict:
 
 def _refused(args: list[str]) -> str:
     r = run_cli(args, timeout=120)
-    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stdout + r.stderr, r.stderr[-3000:]
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("segrl: "), r.stderr

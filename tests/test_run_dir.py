@@ -47,7 +47,7 @@ def _stop(proc, out, sig=signal.SIGTERM):
 
 
 def _one_line_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert r.returncode in (1, 2), (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("segrl: "), r.stderr
