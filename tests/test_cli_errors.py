@@ -123,6 +123,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert r.returncode == 1 and "Traceback" in r.stderr and "ModelLoadError" in r.stderr
     r = segrl("eval", "--model", str(tmp_path / "nope"), "--debug")
     assert "Traceback" in r.stderr
+    # a run that fails on its data: one line, or with --debug the traceback
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1", "answer": "2"}\nnot json\n')
+    r = segrl("train", "--data.train_file", str(bad), "--log.output_dir", str(tmp_path / "run"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and str(bad) in r.stderr
+    r = segrl("--debug", "train", "--data.train_file", str(bad), "--log.output_dir", str(tmp_path / "run"))
+    assert "Traceback" in r.stderr and "DatasetError" in r.stderr
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):

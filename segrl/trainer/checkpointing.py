@@ -26,6 +26,7 @@ import torch
 from .. import distributed as segrl_dist
 from ..configs import SegrlConfig, to_dict
 from ..configs.loader import load
+from ..errors import SegrlError
 from . import checkpoint as ckpt
 from . import run_state
 from .errors import TrainingError
@@ -43,8 +44,9 @@ RESUMABLE = frozenset({
 })
 
 
-class ResumeError(RunDirError):
-    """A resume that is refused (the message names the reason and the way out)."""
+class ResumeError(RunDirError, SegrlError):
+    """A resume that is refused (the message names the reason and the way out): a wrong
+    command, so the CLI exits with status 2."""
 
 
 def flatten(cfg: dict) -> dict:
