@@ -196,12 +196,7 @@ def cmd_view(args, rest) -> int:
 
 
 def cmd_bench(args, rest) -> int:
-    which = rest[0] if rest and not rest[0].startswith("-") else "all"
-    if which in ("trl", "all") and not {"-h", "--help"} & set(rest):  # check before minutes of work
-        from .errors import require
-
-        require("trl", "bench", "segrl bench trl (a GRPO step against TRL's)", "TRL", hint="`segrl bench sampler` runs without it")
-    from .programs.bench import main as bench_main
+    from .programs.bench import main as bench_main  # it checks for TRL before any work
 
     return bench_main(rest)
 

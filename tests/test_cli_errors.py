@@ -114,6 +114,14 @@ def test_bench_without_trl_fails_before_any_work():
     one_line_error(segrl("bench", "--model", "default", "trl", "--repeats", "1", blocked=("trl",)), "segrl[bench]")
 
 
+def test_bench_options_may_come_before_the_benchmark_name():
+    """The name picks the benchmark wherever it stands: options before it are not the name."""
+    r = segrl("bench", "--repeats", "1", "--batch", "8", "--new-tokens", "2", "sampler", blocked=("trl",))
+    assert r.returncode == 0 and "sampler vs model.generate" in r.stdout and "GRPO" not in r.stdout, r.stderr[-2000:]
+    r = segrl("bench", "--threads", "1", "treepo", "--help")
+    assert r.returncode == 0 and "bench_treepo" in r.stdout and "--new-tokens" not in r.stdout
+
+
 def test_invalid_config_is_one_line_with_status_2():
     one_line_error(segrl("train", "--train.epsilon", "7"), "invalid config", "train.epsilon")
 

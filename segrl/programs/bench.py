@@ -203,20 +203,34 @@ def print_table(title: str, rows: list[dict]) -> None:
     Console().print(t)
 
 
-def main(argv=None) -> int:
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in PROGRAMS:
-        return importlib.import_module(PROGRAMS[argv[0]]).main(argv[1:]) or 0
-    p = argparse.ArgumentParser(prog="segrl bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser(add_help: bool = True) -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="segrl bench", description=__doc__, formatter_class=fmt, add_help=add_help)
     p.add_argument("which", nargs="?", default="all", choices=("sampler", "trl", "all", *PROGRAMS))
     p.add_argument("--model", default="default")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    which = _parser(add_help=False).parse_known_args(argv)[0].which
+    if which in PROGRAMS:  # the program parses the whole line but its name (options may come first)
+        i = argv.index(which)
+        return importlib.import_module(PROGRAMS[which]).main(argv[:i] + argv[i + 1 :]) or 0
+    p = _parser()
     a = p.parse_args(argv)
+    if a.batch < 8:
+        p.error("--batch must be >= 8 (the second case samples batch/8 prompts x 8)")
+    if a.which in ("trl", "all"):  # before minutes of work
+        from ..errors import require
+
+        require("trl", "bench", "segrl bench trl (a GRPO step against TRL's)", "TRL", hint="`segrl bench sampler` runs without it")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.which in ("sampler", "all"):
