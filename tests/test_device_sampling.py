@@ -31,7 +31,7 @@ CASES = [
     (0.5, 1.0, 0, _norm([p**2 for p in P0])),  # p^(1/T)
     (2.0, 1.0, 0, _norm([p**0.5 for p in P0])),
     (1.0, 1.0, 2, [4 / 7, 3 / 7, 0, 0, 0]),  # the two most likely, renormalised
-    (1.0, 0.7, 0, [4 / 7, 3 / 7, 0, 0, 0]),  # mass before the 3rd token = 0.7: dropped
+    (1.0, 0.69, 0, [4 / 7, 3 / 7, 0, 0, 0]),  # mass before the 3rd token = 0.7 >= 0.69: dropped
     (1.0, 0.75, 0, _norm([0.4, 0.3, 0.15, 0, 0])),  # 0.7 < 0.75: the 3rd is kept
     # T, then top-k (0.16, 0.09, 0.0225 of p^2), then top-p over those renormalised (HF's
     # order): the mass before the 3rd is 0.25 / 0.2725 = 0.917 >= 0.9, so it goes too

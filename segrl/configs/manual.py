@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checks import algorithm_class, algorithm_names
 from .loader import ConfigError, describe
-from .checks import algorithm_names
-
-#: the config section that holds each algorithm's own settings
-ALGO_SECTION = {"grpo": "train", "rloo": "train", "spo_chain": "spo", "spo_tree": "spo", "treepo": "treepo"}
 
 
 def select(names: list[str], sections: list[str]) -> tuple[list[str], str | None]:
@@ -24,7 +21,7 @@ def select(names: list[str], sections: list[str]) -> tuple[list[str], str | None
             if algo not in (None, n):
                 raise ConfigError(f"one algorithm at a time (got {algo} and {n})")
             algo = n
-            shown.append(ALGO_SECTION.get(n, "train"))
+            shown.append(algorithm_class(n).config_section)
         else:
             raise ConfigError(f"{n!r} is neither a section ({', '.join(sections)}) nor an algorithm ({', '.join(algos)})")
     return list(dict.fromkeys(shown)), algo

@@ -34,7 +34,6 @@ __all__ = ["Engine", "EngineStats", "NodeRef", "SamplingParams", "prefill_groups
 
 # A cached state: per layer (keys [H, T, D], values [H, T, D]) for T = path length - 1.
 KVState = list[tuple[torch.Tensor, torch.Tensor]]
-_gc_paused = gc_paused  # the name samplers imported before the contract moved to engine.base
 
 
 def prefill_groups(lengths: Sequence[int], max_rows: int, call_tokens: int) -> list[list[int]]:

@@ -51,7 +51,7 @@ TOKENIZER_ASSET = Path(__file__).resolve().parents[1] / "models" / "assets" / "s
 def _peak_gib(device) -> float | None:
     import torch
 
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if str(device).startswith("cuda") else None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if str(device).startswith("cuda") else None
 
 
 def _reset_peak(device) -> None:
@@ -59,7 +59,7 @@ def _reset_peak(device) -> None:
 
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def write_tokenizer(out: Path, source: str | None = None) -> None:
@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per side after a warm-up (treepo: 1)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
+    unknown = set(a.sections.split(",")) - {"rollout", "treepo", "grpo", ""}
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)} (rollout, treepo, grpo)")
     import torch
 
     from ..models.loading import resolve_device, resolve_dtype
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     path = a.model or random_model(shape, device, dtype, a.tokenizer)
     model, tok = load(path, device, dtype)
     res = {
-        "device": torch.cuda.get_device_name(0) if not small else "cpu (dry run at tiny sizes)", "dtype": dtype,
+        "device": torch.cuda.get_device_name(device) if not small else "cpu (dry run at tiny sizes)", "dtype": dtype,
         "model": a.model or shape, "params_m": sum(q.numel() for q in model.parameters()) / 1e6,
     }
     size = {k: v[1 if small else 0] for k, v in SIZES.items()}

@@ -29,7 +29,7 @@ from .. import distributed as segrl_dist
 from ..algos.registry import OUTCOME_ESTIMATORS, TREE_ESTIMATORS
 from ..algos.samples import TrainSample, trajectory_sample
 from ..configs import checks
-from ..engine.hf_engine import Engine
+from ..engine.base import RolloutEngine
 from ..samplers.registry import make_sampler
 from ..tree import NodeInfo, RolloutTree
 
@@ -137,6 +137,8 @@ class Algorithm:
     default_estimator = "grpo"
     #: whether the probability mask is on when ``train.use_prob_mask`` is left unset
     default_prob_mask = False
+    #: the config section of the algorithm's own settings (``segrl config ALGO`` shows it)
+    config_section = "train"
 
     @classmethod
     def own_estimator(cls, cfg) -> str:
@@ -151,7 +153,7 @@ class Algorithm:
         self.estimator = checks.train_estimator(cfg)
         self.sampler = make_sampler(checks.train_sampler(cfg), cfg)
 
-    def rollout(self, engine: Engine, trees: list[RolloutTree], scorer: Scorer, progress: float | None = None) -> Rollout:
+    def rollout(self, engine: RolloutEngine, trees: list[RolloutTree], scorer: Scorer, progress: float | None = None) -> Rollout:
         """Grow ``trees`` with the sampler and score every leaf (Monte-Carlo continuations
         included). ``progress``: fraction of training done (None outside training)."""
         metrics = self.sampler.sample(engine, trees, progress)

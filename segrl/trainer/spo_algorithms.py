@@ -118,6 +118,7 @@ class ReplayBuffer:
 
 class _SPOBase(Algorithm):
     default_prob_mask = True
+    config_section = "spo"
 
     def __init__(self, cfg, prompts=None):
         super().__init__(cfg, prompts)

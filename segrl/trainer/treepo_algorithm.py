@@ -43,6 +43,7 @@ class TreePO(Algorithm):
     """TreePO: tree sampling + tree advantages + DAPO update (see module docstring)."""
 
     default_sampler = "treepo"
+    config_section = "treepo"
 
     @classmethod
     def own_estimator(cls, cfg) -> str:
