@@ -398,12 +398,11 @@ def test_eval_sampler_leaves_exactly_k(model):
     cfg = make_cfg(max_len=16, segment_length=4, max_depth=4, width=8, eval_divergence=4)
     eng = engine_for(model, seed=1)
     trees = eng.new_trees(prompts(3))
-    sampler = TreePOSampler(cfg).eval_sampler(5)
-    sampler(eng, trees)
+    metrics = TreePOSampler.for_eval(cfg, 5).sample(eng, trees)
     assert all(len(t.leaves()) == 5 for t in trees)
-    assert sampler.treepo.last_metrics["tree/leaves"] == 5
+    assert metrics["tree/leaves"] == 5
     trees = eng.new_trees(prompts(2))
-    TreePOSampler(cfg).eval_sampler(1)(eng, trees)  # k below initial_width
+    TreePOSampler.for_eval(cfg, 1)(eng, trees)  # k below initial_width
     assert all(len(t.leaves()) == 1 for t in trees)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +93,6 @@ class TreePOSampler:
         self.answer_re = re.compile(tp.answer_pattern)
         #: per round: list of (in_flight, finished) per prompt, after the round's decisions
         self.trace: list[list[tuple[int, int]]] = []
-        self.last_metrics: dict[str, float] = {}
 
     @classmethod
     def for_eval(cls, cfg, k: int) -> TreePOSampler:
@@ -115,17 +114,6 @@ class TreePOSampler:
 
     def __call__(self, engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
         self.grow(engine, trees)
-
-    def eval_sampler(self, k: int) -> Callable[[RolloutEngine, Sequence[RolloutTree]], None]:
-        """A ``sampler(engine, trees)`` for evaluation that leaves exactly ``k`` leaves per tree
-        (:meth:`for_eval`); its ``.treepo`` is that sampler (``.treepo.last_metrics``)."""
-        sub = TreePOSampler.for_eval(self.cfg, k)
-
-        def sampler(engine: RolloutEngine, trees: Sequence[RolloutTree]) -> None:
-            sub.grow(engine, trees)
-
-        sampler.treepo = sub  # type: ignore[attr-defined]
-        return sampler
 
     @gc_paused()  # between rounds too: the trees' nodes and token lists form no cycles
     def grow(self, engine: RolloutEngine, trees: Sequence[RolloutTree], progress: float | None = None) -> dict[str, float]:
@@ -174,7 +162,6 @@ class TreePOSampler:
         m["tree/prefill_tokens"] = float(engine.stats.prefill_tokens - prefill0)
         if self.tp.divergence_policy != "fixed":
             m["tree/divergence_temperature"] = temperature
-        self.last_metrics = m
         return m
 
     @staticmethod
@@ -211,7 +198,7 @@ class TreePOSampler:
         # Paths that end this round keep their cached state until the fallback below has cut
         # from them (a cut point's state is then a crop of it, not a new prefill), unless no
         # fallback can follow (every served prompt saturated, or fallback off).
-        crop = tp.fallback and not all(to_end for _, _, to_end in meta) and hasattr(engine, "cache_prefix")
+        crop = tp.fallback and not all(to_end for _, _, to_end in meta)
         out = engine.extend(refs, lims, kids, keep_kv=crop) if refs else []  # ONE batched call per round
         for s in states:
             s.pending, s.active, s.new_finished, s.fallback_nodes = {}, [], 0, set()
@@ -342,9 +329,9 @@ class TreePOSampler:
                     return FinishReason.DEPTH
             elif rule == "repetition":
                 # Decode only a segment that can be long enough to hold the repeats.
-                if len(node.token_ids) * self._max_token_chars() >= self.tp.repetition_substring * self.tp.repetition_count and has_repetition(
-                    self._decode(node.token_ids), self.tp.repetition_substring, self.tp.repetition_count
-                ):
+                sub, count = self.tp.repetition_substring, self.tp.repetition_count
+                long_enough = len(node.token_ids) * self._max_token_chars() >= sub * count
+                if long_enough and has_repetition(self._decode(node.token_ids), sub, count):
                     return FinishReason.REPETITION
         return None
 
