@@ -66,7 +66,7 @@ class CascadeEngine(Engine):
     #: this many tokens; a shorter tail is copied into each row's own tail. A block saves
     #: reading the tail once per extra row and step but costs one more grouped attention per
     #: layer and step, plus packing: short TreePO segments were faster copied
-    #: (docs/benchmarks.md).
+    #: (the notes in history/).
     fork_min_tokens = 24
 
     def __init__(self, model, tokenizer, *args, layout: str = "cascade", cuda_graphs: bool = False, static_shapes=None, **kwargs):

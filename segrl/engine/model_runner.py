@@ -68,7 +68,7 @@ def _linear(layer, bias: torch.Tensor | None = None) -> Callable:
     or a weight ``W`` (with ``bias``). For fp32 weights on the CPU and at most
     :data:`FEW_ROWS` rows it computes ``(W @ x.T).T`` (a transposed view): with few rows that
     product streams the weights faster than ``F.linear``'s ``x @ W.T`` (from ~128 rows on
-    it is not faster, so not there; docs/benchmarks.md). Other modules (LoRA) are called
+    it is not faster, so not there; the notes in history/). Other modules (LoRA) are called
     as they are."""
     if isinstance(layer, torch.Tensor):
         w, b = layer, bias

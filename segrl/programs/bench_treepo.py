@@ -16,7 +16,7 @@ sample 512 x 16 per step) on the embedded model, 64 x 16 on other models, with a
 rows decoded at once, so a batch holds several times the rows a step decodes, as in
 training. A small batch (``--prompts 64``, ``--other-prompts 16``) leaves the tree's first
 rounds with few rows while independent sampling decodes full batches from its first step;
-docs/benchmarks.md reports both.
+docs/benchmarks.md reports the RL-sized batch; the notes in history/ both.
 
 Timings are medians over ``--repeats`` alternating runs after one full warm-up run of each;
 the efficiency is also given paired per repeat (the two samplers of one repeat ran back to
